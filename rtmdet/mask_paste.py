@@ -1,0 +1,119 @@
+"""Turn stride-8 mask logits into boolean masks at the input or original size, exactly and cheaply.
+
+The reference upsamples every mask logit map x8 (bilinear) to the padded input, resizes it again
+to ceil(input / scale) and crops to the original image (spec section 5, steps 8-10). Both resizes
+are separable linear maps, so the result for one instance is ``Ry @ L @ Rx.T`` with small
+(out, h) and (out, w) interpolation matrices. Bilinear weights are convex, so an output pixel can
+only exceed the threshold if one of the low-resolution logits in its support does: we evaluate
+each instance only over the output rows/columns whose support meets the bounding box of its
+above-threshold logits. That is exact (up to float summation order) and skips the full-size
+upsampling of every mask, which dominates the reference's CPU inference time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _bilinear_taps(out_size: int, in_size: int, ratio: float, device=None):
+    """Two taps per output position of PyTorch's bilinear resize (align_corners=False), one axis.
+
+    ``ratio`` is in/out as PyTorch uses it (1 / scale_factor, or in_size / out_size). Output
+    positions past the resize's own extent clamp to the last input index.
+    Returns indices i0, i1 (out,) and weights w0, w1 (out,) float64.
+    """
+    dst = torch.arange(out_size, device=device, dtype=torch.float64)
+    src = ((dst + 0.5) * ratio - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    w1 = src - i0
+    return i0, i1, 1 - w1, w1
+
+
+def bilinear_matrix(out_size: int, in_size: int, ratio: float, device=None) -> torch.Tensor:
+    """(out_size, in_size) float64 weights of a bilinear resize along one axis."""
+    i0, i1, w0, w1 = _bilinear_taps(out_size, in_size, ratio, device)
+    rows = torch.arange(out_size, device=device)
+    mat = torch.zeros(out_size, in_size, device=device, dtype=torch.float64)
+    mat.index_put_((rows, i0), w0, accumulate=True)
+    mat.index_put_((rows, i1), w1, accumulate=True)
+    return mat
+
+
+def _then_resize(mat: torch.Tensor, out_size: int, ratio: float) -> torch.Tensor:
+    """Compose ``mat`` (M, h) with a second bilinear resize M -> out_size: (out_size, h), by gathers."""
+    i0, i1, w0, w1 = _bilinear_taps(out_size, mat.shape[0], ratio, mat.device)
+    return w0[:, None] * mat[i0] + w1[:, None] * mat[i1]
+
+
+def resize_matrices(
+    feat_size: tuple[int, int], stride: int, input_size: tuple[int, int], meta=None, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column maps (Ho, h), (Wo, w) from stride-``stride`` logits to the output frame.
+
+    Without ``meta``: the padded input (H, W). With ``meta`` (orig_size (h, w), scale_factor
+    (w_scale, h_scale)): the original image, as the reference's rescale. The reference sizes the
+    height with the x scale and the width with the y scale (spec 5.9); we do the same. Where its
+    ceil-rounded size falls a pixel short of the original, the last row/column is repeated.
+    """
+    (h, w), (H, W) = feat_size, input_size
+    ry = bilinear_matrix(H, h, 1.0 / stride, device)  # (H, h)
+    rx = bilinear_matrix(W, w, 1.0 / stride, device)  # (W, w)
+    if meta is not None:
+        (ori_h, ori_w), (w_scale, h_scale) = _orig_size(meta), _scale_factor(meta)
+        h2, w2 = math.ceil(H / w_scale), math.ceil(W / h_scale)
+        ry = _then_resize(ry, ori_h, H / h2)  # (ori_h, h)
+        rx = _then_resize(rx, ori_w, W / w2)  # (ori_w, w)
+    return ry.float(), rx.float()
+
+
+def _orig_size(meta) -> tuple[int, int]:
+    size = meta["orig_size"] if isinstance(meta, dict) else meta.orig_size
+    return int(size[0]), int(size[1])
+
+
+def _scale_factor(meta) -> tuple[float, float]:
+    sf = meta["scale_factor"] if isinstance(meta, dict) else meta.scale_factor
+    return float(sf[0]), float(sf[1])
+
+
+def paste_masks(logits: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """logits (N, h, w), ry (Ho, h), rx (Wo, w) -> bool masks (N, Ho, Wo) of (Ry L Rx^T) > threshold."""
+    n, (ho, wo) = logits.shape[0], (ry.shape[0], rx.shape[0])
+    masks = torch.zeros(n, ho, wo, dtype=torch.bool, device=logits.device)
+    above = logits > threshold  # (N, h, w)
+    if n == 0 or not above.any():
+        return masks
+    y0, y1 = _output_span(above.any(dim=2), ry)  # (N,), (N,) output rows [y0, y1)
+    x0, x1 = _output_span(above.any(dim=1), rx)
+    hr, wr = int((y1 - y0).max()), int((x1 - x0).max())
+    ys = y0[:, None] + torch.arange(hr, device=logits.device)  # (N, hr)
+    xs = x0[:, None] + torch.arange(wr, device=logits.device)  # (N, wr)
+    valid_y, valid_x = ys < y1[:, None], xs < x1[:, None]
+    ys, xs = ys.clamp(max=ho - 1), xs.clamp(max=wo - 1)
+    region = ry[ys] @ logits.to(ry.dtype) @ rx[xs].transpose(1, 2)  # (N, hr, wr)
+    inside = (region > threshold) & valid_y[:, :, None] & valid_x[:, None, :]
+    k, i, j = inside.nonzero(as_tuple=True)
+    masks[k, ys[k, i], xs[k, j]] = True
+    return masks
+
+
+def _output_span(active: torch.Tensor, mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """active (N, h) low-res lines with a logit above threshold; mat (Ho, h) -> output [start, end).
+
+    An output line is a candidate iff its support [lo, hi] (nonzero columns of ``mat``) meets the
+    instance's active range [a, b]. lo and hi grow with the output index, so the candidates form
+    one contiguous span, found with searchsorted.
+    """
+    h = active.shape[1]
+    idx = torch.arange(h, device=active.device)
+    a = torch.where(active, idx, h).min(dim=1).values  # first active line (h if none)
+    b = torch.where(active, idx, -1).max(dim=1).values  # last active line (-1 if none)
+    nz = mat != 0
+    lo = torch.where(nz, idx, h).min(dim=1).values.contiguous()  # (Ho,)
+    hi = torch.where(nz, idx, -1).max(dim=1).values.contiguous()
+    start = torch.searchsorted(hi, a.contiguous())  # first output line with hi >= a
+    end = torch.searchsorted(lo, b.contiguous(), right=True)  # one past the last with lo <= b
+    return start, torch.maximum(end, start)
