@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -82,30 +83,37 @@ def _scale_factor(meta) -> tuple[float, float]:
 def paste_masks(logits: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """logits (N, h, w), ry (Ho, h), rx (Wo, w) -> bool masks (N, Ho, Wo) of (Ry L Rx^T) > threshold."""
     n, (ho, wo) = logits.shape[0], (ry.shape[0], rx.shape[0])
-    masks = torch.zeros(n, ho, wo, dtype=torch.bool, device=logits.device)
+    masks = _lazy_zeros((n, ho, wo), logits.device)
     above = logits > threshold  # (N, h, w)
     if n == 0 or not above.any():
         return masks
-    y0, y1 = _output_span(above.any(dim=2), ry)  # (N,), (N,) output rows [y0, y1)
-    x0, x1 = _output_span(above.any(dim=1), rx)
-    hr, wr = int((y1 - y0).max()), int((x1 - x0).max())
-    ys = y0[:, None] + torch.arange(hr, device=logits.device)  # (N, hr)
-    xs = x0[:, None] + torch.arange(wr, device=logits.device)  # (N, wr)
-    valid_y, valid_x = ys < y1[:, None], xs < x1[:, None]
-    ys, xs = ys.clamp(max=ho - 1), xs.clamp(max=wo - 1)
-    region = ry[ys] @ logits.to(ry.dtype) @ rx[xs].transpose(1, 2)  # (N, hr, wr)
-    inside = (region > threshold) & valid_y[:, :, None] & valid_x[:, None, :]
-    k, i, j = inside.nonzero(as_tuple=True)
-    masks[k, ys[k, i], xs[k, j]] = True
+    rows, cols = _output_span(above.any(dim=2), ry), _output_span(above.any(dim=1), rx)  # (N, 4) each
+    logits = logits.to(ry.dtype)
+    # Regions are ragged (one rectangle per instance), so each instance gets its own pair of small
+    # GEMMs over the low-res window its rows/cols depend on, and a slice copy into its mask. A
+    # padded batch would cost O(N x largest region) and a scattered paste more than the copies.
+    for k, ((y0, y1, a0, a1), (x0, x1, b0, b1)) in enumerate(zip(rows.tolist(), cols.tolist())):
+        if y1 > y0 and x1 > x0:
+            region = ry[y0:y1, a0:a1] @ logits[k, a0:a1, b0:b1] @ rx[x0:x1, b0:b1].T  # (y1-y0, x1-x0)
+            masks[k, y0:y1, x0:x1] = region > threshold
     return masks
 
 
-def _output_span(active: torch.Tensor, mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """active (N, h) low-res lines with a logit above threshold; mat (Ho, h) -> output [start, end).
+def _lazy_zeros(shape: tuple[int, ...], device) -> torch.Tensor:
+    """All-False bool tensor. On CPU it comes from calloc (numpy), whose zero pages the OS maps
+    on first write: 100 original-size masks cost only the pages their instances touch."""
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(np.zeros(shape, dtype=np.bool_))
+    return torch.zeros(shape, dtype=torch.bool, device=device)
+
+
+def _output_span(active: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
+    """active (N, h) low-res lines with a logit above threshold; mat (Ho, h) interpolation rows.
 
     An output line is a candidate iff its support [lo, hi] (nonzero columns of ``mat``) meets the
     instance's active range [a, b]. lo and hi grow with the output index, so the candidates form
-    one contiguous span, found with searchsorted.
+    one span [start, end), found with searchsorted; it depends on low-res lines [lo[start], hi[end-1]].
+    Returns (N, 4) int64: start, end, first and one-past-last low-res line.
     """
     h = active.shape[1]
     idx = torch.arange(h, device=active.device)
@@ -115,5 +123,8 @@ def _output_span(active: torch.Tensor, mat: torch.Tensor) -> tuple[torch.Tensor,
     lo = torch.where(nz, idx, h).min(dim=1).values.contiguous()  # (Ho,)
     hi = torch.where(nz, idx, -1).max(dim=1).values.contiguous()
     start = torch.searchsorted(hi, a.contiguous())  # first output line with hi >= a
-    end = torch.searchsorted(lo, b.contiguous(), right=True)  # one past the last with lo <= b
-    return start, torch.maximum(end, start)
+    end = torch.maximum(torch.searchsorted(lo, b.contiguous(), right=True), start)  # past the last with lo <= b
+    last = mat.shape[0] - 1
+    low0 = lo[start.clamp(max=last)]
+    low1 = hi[(end - 1).clamp(min=0, max=last)] + 1
+    return torch.stack([start, end, low0, torch.maximum(low1, low0)], dim=1)

@@ -52,19 +52,24 @@ class InstancePostProcess(nn.Module):
 
     def single(self, cls_logits, box_dists, kernels, protos, points, point_strides, level_starts,
                input_size, proto_stride, meta) -> dict[str, torch.Tensor]:
-        # 1-2. Per level: sigmoid scores, keep (prior, class) pairs above score_thr, top nms_pre.
-        scores, labels, prior_idx = [], [], []
+        # 1-2. Per level: sigmoid scores, keep (prior, class) pairs above score_thr, top nms_pre;
+        # gather the candidates' box distances and dynamic kernels.
+        scores, labels, prior_idx, dists, params = [], [], [], [], []
         for lvl, logits in enumerate(cls_logits):
-            s = logits.flatten(1).t().sigmoid()  # (H*W, C)
-            flat = (s > self.score_thr).flatten().nonzero().squeeze(1)
-            kept = s.flatten()[flat]
-            kept, order = kept.sort(descending=True)
-            flat = flat[order[: self.nms_pre]]
-            scores.append(kept[: self.nms_pre])
-            labels.append(flat % s.shape[1])
-            prior_idx.append(flat // s.shape[1] + level_starts[lvl])
+            s = logits.flatten(1).t().sigmoid().flatten()  # (H*W*C,) prior-major, class-minor
+            # The best nms_pre of those above score_thr = the best nms_pre overall, then thresholded.
+            kept, flat = s.topk(min(self.nms_pre, len(s)))  # sorted, descending
+            above = kept > self.score_thr
+            kept, flat = kept[above], flat[above]
+            num_classes = logits.shape[0]
+            local = flat // num_classes
+            scores.append(kept)
+            labels.append(flat % num_classes)
+            prior_idx.append(local + level_starts[lvl])
+            dists.append(box_dists[lvl].flatten(1)[:, local].t())  # (M_l, 4)
+            params.append(kernels[lvl].flatten(1)[:, local].t())  # (M_l, 169)
         scores, labels, prior_idx = torch.cat(scores), torch.cat(labels), torch.cat(prior_idx)
-        dists = torch.cat([d.flatten(1).t() for d in box_dists])[prior_idx]  # (M, 4)
+        dists, params = torch.cat(dists), torch.cat(params)
         # 3. Decode, clip to the padded input frame.
         H, W = input_size
         boxes = distance2bbox(points[prior_idx], dists.float())
@@ -76,11 +81,10 @@ class InstancePostProcess(nn.Module):
             boxes = boxes / boxes.new_tensor([w_scale, h_scale, w_scale, h_scale])
         # 5. Drop empty boxes; 6. class-aware NMS, keep the best max_per_img.
         valid = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
-        boxes, scores, labels, prior_idx = boxes[valid], scores[valid], labels[valid], prior_idx[valid]
-        keep = batched_nms(boxes, scores, labels, self.iou_thr)[: self.max_per_img]
-        boxes, scores, labels, prior_idx = boxes[keep], scores[keep], labels[keep], prior_idx[keep]
+        keep = valid.nonzero().squeeze(1)
+        keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], self.iou_thr, self.max_per_img)]
+        boxes, scores, labels, prior_idx, params = boxes[keep], scores[keep], labels[keep], prior_idx[keep], params[keep]
         # 7-10. Dynamic convs on the prototypes, then threshold at the output resolution.
-        params = torch.cat([k.flatten(1).t() for k in kernels])[prior_idx]  # (N, 169)
         img_idx = torch.zeros_like(prior_idx)
         logits = dynamic_mask_logits(protos[None], params, points[prior_idx], point_strides[prior_idx], img_idx,
                                      proto_stride)  # (N, h, w)

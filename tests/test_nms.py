@@ -30,7 +30,9 @@ def test_nms_equals_brute_force():
         boxes = random_boxes(n, g, clustered=trial % 2 == 0)
         scores = torch.rand(n, generator=g)
         for thr in (0.3, 0.6):
-            assert nms(boxes, scores, thr).tolist() == brute_force_nms(boxes, scores, thr)
+            expected = brute_force_nms(boxes, scores, thr)
+            assert nms(boxes, scores, thr).tolist() == expected
+            assert nms(boxes, scores, thr, max_keep=3).tolist() == expected[:3]  # prefix search
 
 
 def test_nms_long_suppression_chain():

@@ -1,0 +1,111 @@
+"""End-to-end predict latency (forward + postprocess), batch 1, per size. Prints one JSON object.
+
+    python -m benchmarks.latency --sizes tiny --img-size 640 --threads 2
+
+The head's prediction layers are randomised so that the postprocess does its full work
+(1000 candidates per level, NMS, 100 masks) as on a busy real image; a freshly initialised model
+would predict nothing above the score threshold and flatter the postprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from rtmdet import build_model
+from rtmdet.preprocess import ImageMeta
+
+
+@torch.no_grad()
+def busy_head(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random prediction convs: scores spread over (0, 1) and boxes of many sizes; dynamic kernels
+    that draw a diamond around each instance's point, radius 4 strides, with some random variation
+    (random kernels give masks that are all or nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, m in model.head.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and name.startswith(("rtm_", "mask_head")):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight[0].numel() ** 0.5)
+            if m.bias is not None:
+                shift = -2.5 if "rtm_cls" in name else 1.5 if "rtm_reg" in name else 0.0
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1 + shift)
+    diamond = torch.zeros(169)
+    for ch, (coord, sign) in enumerate([(0, 1), (0, -1), (1, 1), (1, -1)]):
+        diamond[ch * 10 + coord] = sign  # layer 1: +-rel_x, +-rel_y, ReLU -> |rel_x|, |rel_y| halves
+        diamond[80 + ch] = 1.0  # layer 2, channel 0: |rel_x| + |rel_y| (L1 distance / (8 stride))
+    diamond[144] = -1.0  # layer 3: 0.5 - distance
+    diamond[168] = 0.5
+    for conv in model.head.rtm_kernel:
+        conv.weight.mul_(0.02)
+        conv.bias.copy_(diamond)
+
+
+def timeit(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure(size: str, img_size: int, warmup: int, iters: int, fuse: bool, channels_last: bool) -> dict:
+    model = build_model(size).eval()
+    busy_head(model)
+    if fuse:
+        model.fuse()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    # A 1280 x 960 original letterboxed into the input, so masks are pasted at the original size.
+    s = img_size / 1280
+    metas = [ImageMeta((960, 1280), (s, round(960 * s) / 960), (img_size, img_size))]
+    with torch.no_grad():
+        out = model(x)
+        res = model.postprocess(out, x.shape[-2:], model.strides, metas)[0]
+        dets, mask_fraction = len(res["scores"]), res["masks"].float().mean().item()
+        forward_ms = timeit(lambda: model(x), warmup, iters)
+        post_ms = timeit(lambda: model.postprocess(out, x.shape[-2:], model.strides, metas), warmup, iters)
+        predict_ms = timeit(lambda: model.predict(x, metas), warmup, iters)
+    return {
+        "forward_ms": round(forward_ms, 2),
+        "postprocess_ms": round(post_ms, 2),
+        "predict_ms": round(predict_ms, 2),
+        "postprocess_fraction_of_forward": round(post_ms / forward_ms, 3),
+        "detections": dets,
+        "mean_mask_fraction_of_image": round(mask_fraction, 3),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["tiny"])
+    p.add_argument("--img-size", type=int, default=640)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--fuse", action="store_true", help="fold BN into convs (model.fuse())")
+    p.add_argument("--channels-last", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    result = {
+        "benchmark": "latency",
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "img_size": args.img_size,
+        "fuse": args.fuse,
+        "channels_last": args.channels_last,
+        "sizes": {s: measure(s, args.img_size, args.warmup, args.iters, args.fuse, args.channels_last) for s in args.sizes},
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
