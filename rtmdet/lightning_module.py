@@ -1,0 +1,183 @@
+"""LightningModule: glue between ``RTMDetIns``, its loss, the official optimiser/schedule and COCO mAP.
+
+training_step = forward -> loss (assign + criterion) -> log; validation_step = predict -> COCOMetric.
+Mixed precision, devices, DDP and SyncBN come from the Trainer; the EMA is the ``ExpMomentumEMA``
+callback (rtmdet/ema.py), so validation and checkpoints use the averaged weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from .checkpoint import load_mmdet_checkpoint
+from .coco_eval import COCOMetric
+from .model import RTMDetIns
+from .schedule import lr_factor, scaled_lr, warmup_steps_for
+
+
+class RTMDetInsModule(L.LightningModule):
+    """Train and evaluate RTMDet-Ins.
+
+    Args:
+        size: tiny, s, m, l or x.
+        num_classes: linked from the datamodule by the CLI.
+        lr: base lr for a total batch of ``base_batch_size`` (official: 0.004, x: 0.002).
+        scale_lr: scale lr linearly with the actual total batch (batch x devices x accumulation).
+        weight_decay: AdamW weight decay (0 on norm layers and biases, as the reference).
+        warmup_iters: linear warm-up iterations (official 1000), capped to ``warmup_max_fraction`` of the run.
+        cosine_start: fraction of training after which the lr decays (cosine) to ``min_lr_ratio`` x lr.
+        pretrained: optional official mmdetection checkpoint (full model or ImageNet CSPNeXt backbone).
+        allow_num_classes_mismatch: load ``pretrained`` even if its classifier has another class count.
+        max_nonfinite_steps: consecutive non-finite losses tolerated (each skipped) before stopping.
+        score_thr, nms_pre, iou_thr, max_per_img, mask_thr: test-time postprocessing.
+    """
+
+    def __init__(
+        self,
+        size: str = "tiny",
+        num_classes: int = 80,
+        lr: float = 0.004,
+        base_batch_size: int = 256,
+        scale_lr: bool = True,
+        weight_decay: float = 0.05,
+        warmup_iters: int = 1000,
+        warmup_max_fraction: float = 0.1,
+        cosine_start: float = 0.5,
+        min_lr_ratio: float = 0.05,
+        pretrained: str | None = None,
+        allow_num_classes_mismatch: bool = False,
+        max_nonfinite_steps: int = 20,
+        score_thr: float = 0.05,
+        nms_pre: int = 1000,
+        iou_thr: float = 0.6,
+        max_per_img: int = 100,
+        mask_thr: float = 0.5,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = RTMDetIns(num_classes=num_classes, size=size)
+        post = self.model.postprocess
+        post.score_thr, post.nms_pre, post.iou_thr, post.max_per_img, post.mask_thr = (
+            score_thr, nms_pre, iou_thr, max_per_img, mask_thr)
+        if pretrained:
+            report = load_mmdet_checkpoint(self.model, pretrained, allow_num_classes_mismatch)
+            print(f"pretrained: {report}")
+        self.val_metric: COCOMetric | None = None
+        self._nonfinite_streak = 0
+
+    # ----------------------------------------------------------------------------------- steps
+    def forward(self, images: torch.Tensor):
+        return self.model(images)
+
+    def training_step(self, batch, batch_idx: int):
+        images, targets = batch
+        losses = self.model.loss(self.model(images), targets)
+        loss = sum(losses.values())
+        if not self._all_ranks_finite(loss):
+            return self._skip_nonfinite(loss, targets)
+        self._nonfinite_streak = 0
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=len(targets))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(targets))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate_batch(batch)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate_batch(batch)
+
+    def predict_step(self, batch, batch_idx: int) -> list[dict]:
+        images, targets = batch
+        preds = self.model.predict(images, targets)
+        for p, t in zip(preds, targets):
+            p["image_id"] = t["image_id"]
+        return preds
+
+    def _evaluate_batch(self, batch) -> None:
+        images, targets = batch
+        preds = self.model.predict(images, targets)  # original-image pixels (orig_size, scale_factor)
+        if self.val_metric is not None:
+            self.val_metric.update(preds, [int(t["image_id"]) for t in targets])
+
+    # ------------------------------------------------------------------------------ evaluation
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and getattr(dm, "val_ann_file", None):
+            self.val_metric = COCOMetric(dm.val_ann_file, dm.label_to_cat_id)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.val_metric is not None:
+            self.val_metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _log_metrics(self, prefix: str) -> None:
+        if self.val_metric is None or self.trainer.sanity_checking:
+            return
+        stats = self.val_metric.compute()
+        self.last_metrics = {k: float(v) for k, v in stats.items()}
+        self.log_dict({f"{prefix}/{k}": float(v) for k, v in stats.items()}, rank_zero_only=True)
+
+    # ------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for module in self.model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                is_norm = isinstance(module, torch.nn.modules.batchnorm._NormBase)
+                (no_decay if is_norm or name == "bias" else decay).append(p)
+        lr = hp.lr
+        if hp.scale_lr:
+            lr = scaled_lr(hp.lr, self._total_batch_size(), hp.base_batch_size)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr, betas=(0.9, 0.999), eps=1e-8,
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = warmup_steps_for(total, hp.warmup_iters, hp.warmup_max_fraction)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total, warmup, hp.cosine_start, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_batch_size(self) -> int:
+        dm = getattr(self.trainer, "datamodule", None)
+        per_device = getattr(dm, "batch_size", None) or self.hparams.base_batch_size
+        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    # ------------------------------------------------------------------------- non-finite loss
+    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _skip_nonfinite(self, loss: torch.Tensor, targets: list[dict]):
+        self._nonfinite_streak += 1
+        ids = [int(t["image_id"]) for t in targets if "image_id" in t]
+        warnings.warn(
+            f"non-finite loss ({loss.item()}) at step {self.global_step}, images {ids}: step skipped "
+            f"({self._nonfinite_streak} in a row, limit {self.hparams.max_nonfinite_steps})",
+            stacklevel=2,
+        )
+        if self._nonfinite_streak > self.hparams.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"loss was non-finite for {self._nonfinite_streak} consecutive steps (last images {ids}); "
+                "lower the learning rate, check the annotations of those images, or raise max_nonfinite_steps"
+            )
+        if self.trainer.world_size == 1:
+            return None  # Lightning skips backward and the optimiser step
+        # Under DDP every rank must run backward: a zero loss on the parameters gives zero gradients.
+        return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+
