@@ -1,0 +1,86 @@
+"""Train RTMDet-Ins: ``python -m experiments.train [--config FILE] [--model.* ...] [--data.* ...] [--trainer.* ...]``.
+
+With no arguments it trains RTMDet-Ins-tiny on the embedded pixel-sprite dataset
+(``experiments/configs/sprites_tiny.yaml``). At the end of the fit it writes ``results.json`` (final
+validation metrics, checkpoint paths, wall time) into the run folder and prints its path.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from datamodules import COCODataModule
+from rtmdet.lightning_module import RTMDetInsModule
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "sprites_tiny.yaml"
+METRIC_KEYS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
+
+
+class RTMDetCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="resume from a checkpoint file, or 'last' for the run's last.ckpt")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        data = self.config.data
+        if not data.get("train_ann_file"):  # no data given: the embedded sprite dataset
+            from datamodules.sprites import default_sprite_dataset
+
+            for key, value in default_sprite_dataset().items():
+                if not data.get(key):
+                    data[key] = value
+
+
+def results_payload(module, trainer, wall_time: float) -> dict:
+    metrics = getattr(module, "last_metrics", {}) or {}
+    payload = {f"{t}_{k}": metrics.get(f"{t}_{k}") for t in ("bbox", "segm") for k in METRIC_KEYS}
+    ckpt = trainer.checkpoint_callback
+    payload.update(
+        best_checkpoint=getattr(ckpt, "best_model_path", None) or None,
+        last_checkpoint=getattr(ckpt, "last_model_path", None) or None,
+        best_segm_mAP=float(ckpt.best_model_score) if getattr(ckpt, "best_model_score", None) is not None else None,
+        epochs=trainer.current_epoch,
+        global_step=trainer.global_step,
+        wall_time_s=round(wall_time, 1),
+    )
+    return payload
+
+
+def run_dir(trainer) -> Path:
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and ckpt.dirpath:
+        return Path(ckpt.dirpath).parent
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def main(args: list[str] | None = None) -> dict:
+    args = sys.argv[1:] if args is None else args
+    start = time.time()
+    cli = RTMDetCLI(
+        RTMDetInsModule,
+        COCODataModule,
+        args=args,
+        run=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)]},
+    )
+    ckpt_path = cli.config.get("ckpt_path")  # "last": Lightning finds last.ckpt in the checkpoint folder
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    payload = results_payload(cli.model, cli.trainer, time.time() - start)
+    if cli.trainer.is_global_zero:
+        out = run_dir(cli.trainer) / "results.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=2))
+        print(f"results: {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
