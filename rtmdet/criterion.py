@@ -1,14 +1,15 @@
 """RTMDet-Ins training objective (spec sections 4.2-4.3): assign, then QFL + GIoU + dice.
 
 Reproduces mmdet 3.3.0's ``RTMDetInsHead.loss_by_feat``; differences are only in how it is
-computed: batched over images, O(P G) assigner memory, the mask loss in checkpointed chunks of
-positives so that its memory does not grow with the number of instances, and no host
-synchronisation except one ``nonzero`` (the number of positives decides the mask-loss work).
+computed: batched over images, an assigner whose memory does not depend on the number of ground
+truths, the mask loss in checkpointed chunks of positives so that its memory does not grow with
+the number of instances either, and no host synchronisation except one (the number of positives
+per image decides the mask-loss work).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,9 @@ from .assigner import Assignment, DynamicSoftLabelAssigner, mask_centers
 from .dynamic_mask import dynamic_mask_logits
 from .losses import dice_loss, giou_loss, quality_focal_loss
 from .priors import distance2bbox, flatten_levels, grid_priors
+
+if TYPE_CHECKING:
+    from .model import RawOutputs
 
 FLOAT_EPS = torch.finfo(torch.float32).eps  # mmdet adds it to every avg_factor
 
@@ -76,7 +80,7 @@ class RTMDetInsCriterion(nn.Module):
         self.mask_loss_stride = mask_loss_stride
         self.mask_chunk_size = mask_chunk_size
 
-    def forward(self, outputs, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: RawOutputs, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         protos = outputs.mask_protos
         with torch.autocast(protos.device.type, enabled=False):  # losses in fp32 even under autocast
             cls_logits = flatten_levels([x.float() for x in outputs.cls_logits])  # (B, P, C)
@@ -118,6 +122,9 @@ class RTMDetInsCriterion(nn.Module):
             if n == 0:
                 continue
             m = t["masks"].to(device=device, dtype=torch.bool)  # (n, H, W)
+            if m.shape != (n, H, W):
+                raise ValueError(f"image {b}: masks must be (N, H, W) = {(n, H, W)} (padded input size), "
+                                 f"got {tuple(m.shape)}")
             box = t["boxes"].to(device=device, dtype=torch.float32)
             boxes[b, :n] = box
             labels[b, :n] = t["labels"].to(device)
@@ -132,7 +139,9 @@ class RTMDetInsCriterion(nn.Module):
         """Quality focal loss over all priors and classes, target = IoU at the positive's class."""
         return quality_focal_loss(cls_logits, assignment.labels, assignment.ious).sum() / norm
 
-    def loss_boxes(self, pred_boxes: torch.Tensor, gt: Targets, assignment: Assignment, norm: torch.Tensor) -> torch.Tensor:
+    def loss_boxes(
+        self, pred_boxes: torch.Tensor, gt: Targets, assignment: Assignment, norm: torch.Tensor
+    ) -> torch.Tensor:
         """GIoU loss of each positive's decoded box, weighted by its IoU target.
 
         Computed densely over all priors with weight 0 for negatives: no gather of positives (no
@@ -151,25 +160,36 @@ class RTMDetInsCriterion(nn.Module):
         gt: Targets,
         assignment: Assignment,
     ) -> torch.Tensor:
-        """Dice loss of every positive's dynamic mask at the mask-loss stride (spec 1.7, 4.3)."""
-        img_idx, prior_idx = assignment.pos_mask.nonzero(as_tuple=True)  # host sync: the work depends on it
-        num_pos = len(img_idx)
+        """Dice loss of every positive's dynamic mask at the mask-loss stride (spec 1.7, 4.3).
+
+        With ``mask_chunk_size``, positives go through in checkpointed chunks that never straddle two
+        images: each chunk keeps only its inputs for backward (memory flat in the number of
+        positives), and runs on one image's prototypes (a plain GEMM, no per-instance gather).
+        """
+        B, P = assignment.pos_mask.shape
+        counts = assignment.pos_mask.sum(1).tolist()  # the one host sync: the work depends on it
+        num_pos = sum(counts)
         norm = reduce_mean(protos.new_tensor(float(num_pos))).clamp(min=1) + FLOAT_EPS
-        if num_pos == 0:
-            return protos.sum() * 0  # keeps the graph, zero gradient
+        if num_pos == 0:  # zero with a graph and zero gradients; kernels too, so DDP sees every parameter used
+            return (protos.sum() + kernels.sum()) * 0
+        flat = torch.nonzero_static(assignment.pos_mask.flatten(), size=num_pos)[:, 0]  # (K,) sorted by image
+        img_idx, prior_idx = flat // P, flat % P
         params = kernels[img_idx, prior_idx]  # (K, 169)
         mask_idx = gt.mask_offsets[img_idx] + assignment.gt_index[img_idx, prior_idx]  # (K,) rows of gt.masks
-        args = (points[prior_idx], point_strides[prior_idx], img_idx, mask_idx)
+        points, point_strides = points[prior_idx], point_strides[prior_idx]  # (K, 2), (K,)
         chunk = self.mask_chunk_size
         if chunk is None:
-            total = self._dice_sum(protos, params, *args, gt_masks=gt.masks)
-        else:
-            # Each chunk keeps only its inputs for backward and recomputes its activations there.
-            total = sum(
-                checkpoint(self._dice_sum, protos, *(x[i:i + chunk] for x in (params, *args)),
-                           gt_masks=gt.masks, use_reentrant=False)
-                for i in range(0, num_pos, chunk)
-            )
+            total = self._dice_sum(protos, params, points, point_strides, img_idx, mask_idx, gt.masks)
+            return total / norm
+        total, start, zeros = 0.0, 0, torch.zeros_like(img_idx)
+        for b, n in enumerate(counts):
+            for i in range(start, start + n, chunk):
+                j = min(i + chunk, start + n)
+                total = total + checkpoint(
+                    self._dice_sum, protos[b:b + 1], params[i:j], points[i:j], point_strides[i:j], zeros[i:j],
+                    mask_idx[i:j], gt.masks, use_reentrant=False,
+                )
+            start += n
         return total / norm
 
     def _dice_sum(self, protos, params, points, point_strides, img_idx, mask_idx, gt_masks) -> torch.Tensor:
