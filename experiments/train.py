@@ -8,14 +8,18 @@ validation metrics, checkpoint paths, wall time) into the run folder and prints 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+# Threads that yield instead of spin-waiting: on a small CPU the data workers share the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from datamodules import COCODataModule
-from rtmdet.lightning_module import RTMDetInsModule
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from datamodules import COCODataModule  # noqa: E402
+from rtmdet.lightning_module import RTMDetInsModule  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "sprites_tiny.yaml"
@@ -29,6 +33,20 @@ class RTMDetCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
+        # One run folder: checkpoints, W&B files and results.json under trainer.default_root_dir.
+        trainer = self.config.trainer
+        root = trainer.get("default_root_dir") or "runs/default"
+        trainer["default_root_dir"] = root
+        for cb in trainer.get("callbacks") or []:
+            if str(cb.get("class_path", "")).endswith("ModelCheckpoint") and not cb.init_args.get("dirpath"):
+                cb.init_args["dirpath"] = str(Path(root) / "checkpoints")
+        logger = trainer.get("logger")
+        if logger in (False, None, "false", "False"):  # --trainer.logger false: nothing to log the lr to
+            trainer["callbacks"] = [cb for cb in trainer.get("callbacks") or []
+                                    if not str(cb.get("class_path", "")).endswith("LearningRateMonitor")]
+        if hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("AutoWandbLogger"):
+            if not logger.init_args.get("save_dir"):
+                logger.init_args["save_dir"] = root
         data = self.config.data
         if not data.get("train_ann_file"):  # no data given: the embedded sprite dataset
             from datamodules.sprites import default_sprite_dataset
@@ -54,10 +72,7 @@ def results_payload(module, trainer, wall_time: float) -> dict:
 
 
 def run_dir(trainer) -> Path:
-    ckpt = trainer.checkpoint_callback
-    if ckpt is not None and ckpt.dirpath:
-        return Path(ckpt.dirpath).parent
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    return Path(trainer.default_root_dir)
 
 
 def main(args: list[str] | None = None) -> dict:

@@ -29,12 +29,14 @@ class AutoWandbLogger(WandbLogger):
         self,
         project: str = "rtmdet-ins",
         name: str | None = None,
-        save_dir: str = "runs",
+        save_dir: str | None = None,
         offline: bool | None = None,
         log_model: bool = False,
         tags: list[str] | None = None,
     ):
         if offline is None:
-            offline = not wandb_api_key_configured()
+            mode = os.environ.get("WANDB_MODE")  # an explicit mode (disabled, offline, online) wins
+            offline = mode in ("offline", "dryrun") if mode else not wandb_api_key_configured()
+        save_dir = save_dir or "runs"
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(project=project, name=name, save_dir=save_dir, offline=offline, log_model=log_model, tags=tags)

@@ -106,8 +106,11 @@ class RTMDetInsModule(L.LightningModule):
     # ------------------------------------------------------------------------------ evaluation
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and getattr(dm, "val_ann_file", None):
-            self.val_metric = COCOMetric(dm.val_ann_file, dm.label_to_cat_id)
+        ann_file = dm.hparams.get("val_ann_file") if dm is not None else None
+        if ann_file and self.val_metric is None:
+            # Evaluate against the original annotation file, with the original category ids.
+            label_to_cat_id = [dm.label_to_cat_id[label] for label in range(dm.num_classes)]
+            self.val_metric = COCOMetric(ann_file, label_to_cat_id)
 
     def on_validation_epoch_start(self) -> None:
         if self.val_metric is not None:
@@ -128,6 +131,9 @@ class RTMDetInsModule(L.LightningModule):
         stats = self.val_metric.compute()
         self.last_metrics = {k: float(v) for k, v in stats.items()}
         self.log_dict({f"{prefix}/{k}": float(v) for k, v in stats.items()}, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            summary = "  ".join(f"{k} {self.last_metrics[k]:.3f}" for k in ("bbox_mAP", "segm_mAP", "segm_mAP_50"))
+            print(f"[{prefix}] epoch {self.current_epoch} step {self.global_step}: {summary}", flush=True)
 
     # ------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
