@@ -1,0 +1,30 @@
+"""Data: COCO-format instance segmentation (loading, official transforms, Lightning DataModule)."""
+
+from .coco import CategoryMap, CocoAnnotations, DatasetError, InstanceMasks, decode_masks, load_image, load_sample
+from .datamodule import (
+    COCODataModule,
+    CocoDataset,
+    PipelineSwitch,
+    TrainSampler,
+    collate,
+    finalize_batch,
+)
+from .transforms import train_pipeline, val_pipeline
+
+__all__ = [
+    "COCODataModule",
+    "CategoryMap",
+    "CocoAnnotations",
+    "CocoDataset",
+    "DatasetError",
+    "InstanceMasks",
+    "PipelineSwitch",
+    "TrainSampler",
+    "collate",
+    "finalize_batch",
+    "decode_masks",
+    "load_image",
+    "load_sample",
+    "train_pipeline",
+    "val_pipeline",
+]
