@@ -187,7 +187,8 @@ class COCODataModule(L.LightningDataModule):
     dense masks happen in :meth:`on_after_batch_transfer`).
 
     Args:
-        train_ann_file: COCO json of the training set.
+        train_ann_file: COCO json of the training set. None (the default): the embedded procedural
+            pixel-sprite dataset (``datamodules.sprites``), with its validation split.
         train_img_dir: folder that the training ``file_name`` entries are relative to.
         val_ann_file: COCO json of the validation set (None: no validation); same categories.
         val_img_dir: folder of the validation images.
@@ -212,8 +213,8 @@ class COCODataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_ann_file: str,
-        train_img_dir: str,
+        train_ann_file: str | None = None,
+        train_img_dir: str | None = None,
         val_ann_file: str | None = None,
         val_img_dir: str | None = None,
         img_size: int = 640,
@@ -233,7 +234,18 @@ class COCODataModule(L.LightningDataModule):
         seed: int | None = None,
     ):
         super().__init__()
+        if train_ann_file is None:  # no data given: the embedded sprite dataset (generated once, cached)
+            from .sprites import default_sprite_dataset
+
+            paths = default_sprite_dataset()
+            train_ann_file, train_img_dir = paths["train_ann_file"], paths["train_img_dir"]
+            if val_ann_file is None:
+                val_ann_file, val_img_dir = paths["val_ann_file"], paths["val_img_dir"]
+        elif train_img_dir is None:
+            raise ValueError("train_img_dir is required with train_ann_file")
         self.save_hyperparameters()
+        self.hparams.update(train_ann_file=train_ann_file, train_img_dir=train_img_dir,
+                            val_ann_file=val_ann_file, val_img_dir=val_img_dir)
         self.train_annotations = CocoAnnotations(train_ann_file, train_img_dir, min_size=train_min_size,
                                                  keep_empty=train_empty_images)
         self.val_annotations = None

@@ -47,13 +47,6 @@ class RTMDetCLI(LightningCLI):
         if hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("AutoWandbLogger"):
             if not logger.init_args.get("save_dir"):
                 logger.init_args["save_dir"] = root
-        data = self.config.data
-        if not data.get("train_ann_file"):  # no data given: the embedded sprite dataset
-            from datamodules.sprites import default_sprite_dataset
-
-            for key, value in default_sprite_dataset().items():
-                if not data.get(key):
-                    data[key] = value
 
 
 def results_payload(module, trainer, wall_time: float) -> dict:
