@@ -1,0 +1,127 @@
+"""COCO box and mask AP of a checkpoint (ours or official mmdetection) on a COCO-format dataset.
+
+    python -m experiments.evaluate --ckpt PATH [--size tiny] [--data.val_ann_file F --data.val_img_dir D]
+        [--data.img_size 640] [--data.nearest_resize] [--data.val_batch_size 5] [--data.num_workers 2]
+        [--output results.json] [--device cpu]
+
+No data given: the embedded sprite dataset's val split. The input size and resize mode default to
+those the checkpoint was validated with (Lightning checkpoints), else 640 and bilinear. Prints a
+table and writes the metrics (``bbox_mAP`` ... ``segm_AR_l`` and the run's settings) to
+``--output`` and the detections, as a COCO results list, beside it (``<output>.detections.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # data workers share small CPUs (see train.py)
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from datamodules import CocoAnnotations, CocoDataset, DatasetError, collate, val_pipeline  # noqa: E402
+from rtmdet import SIZES, CheckpointError, normalize  # noqa: E402
+from rtmdet.coco_eval import COCOMetric  # noqa: E402
+from rtmdet.inference import load_checkpoint  # noqa: E402
+
+TABLE_STATS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="Lightning .ckpt or official mmdetection .pth")
+    p.add_argument("--size", choices=list(SIZES), help="model size (default: read from the checkpoint)")
+    p.add_argument("--data.val_ann_file", dest="ann_file", metavar="FILE", help="COCO json (default: the sprite val split)")
+    p.add_argument("--data.val_img_dir", dest="img_dir", metavar="DIR", help="folder the json's file_name entries are in")
+    p.add_argument("--data.img_size", dest="img_size", type=int, metavar="S", help="input size (default: checkpoint's, or 640)")
+    p.add_argument("--data.nearest_resize", dest="nearest", action=argparse.BooleanOptionalAction,
+                   help="nearest-neighbour letterbox (default: checkpoint's, or bilinear)")
+    p.add_argument("--data.val_batch_size", dest="batch_size", type=int, default=5, metavar="N")
+    p.add_argument("--data.num_workers", dest="num_workers", type=int, default=2, metavar="N")
+    p.add_argument("--output", default="results.json", help="metrics json (detections go beside it)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    start = time.time()
+    if (args.ann_file is None) != (args.img_dir is None):
+        raise DatasetError("give both --data.val_ann_file and --data.val_img_dir, or neither (sprite val split)")
+    if args.ann_file is None:
+        from datamodules.sprites import default_sprite_dataset
+
+        paths = default_sprite_dataset()
+        args.ann_file, args.img_dir = paths["val_ann_file"], paths["val_img_dir"]
+    loaded = load_checkpoint(args.ckpt, args.size, device=args.device)
+    model = loaded.model
+    img_size = args.img_size or loaded.img_size or 640
+    nearest = args.nearest if args.nearest is not None else bool(loaded.nearest_resize)
+    annotations = CocoAnnotations(args.ann_file, args.img_dir)
+    categories = annotations.categories
+    if categories.num_classes != model.num_classes:
+        raise DatasetError(f"{args.ann_file} has {categories.num_classes} categories, but {args.ckpt} predicts "
+                           f"{model.num_classes} classes")
+    if loaded.class_names and tuple(loaded.class_names) != categories.names:
+        print(f"warning: class names differ (checkpoint {list(loaded.class_names)[:5]}..., dataset "
+              f"{list(categories.names)[:5]}...); labels are matched by position", file=sys.stderr)
+    loader = DataLoader(CocoDataset(annotations, val_pipeline(img_size, nearest)), batch_size=args.batch_size,
+                        num_workers=args.num_workers, collate_fn=collate)
+    metric = COCOMetric(args.ann_file, [categories.label_to_cat_id[i] for i in range(categories.num_classes)])
+    with torch.inference_mode():
+        for images, targets in loader:  # targets: only image_id, orig_size, scale_factor are used
+            preds = model.predict(normalize(images.to(args.device)), targets)  # original-image pixels
+            metric.update(preds, [t["image_id"] for t in targets])
+    stats = metric.compute()
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    detections = output.with_name(output.stem + ".detections.json")
+    metric.save_results(detections)
+    payload = dict(stats, checkpoint=str(args.ckpt), format=loaded.format, size=model.size,
+                   num_classes=model.num_classes, ann_file=str(args.ann_file), img_dir=str(args.img_dir),
+                   num_images=len(annotations.records), img_size=img_size, nearest_resize=nearest,
+                   detections_file=str(detections), wall_time_s=round(time.time() - start, 1))
+    output.write_text(json.dumps(payload, indent=2))
+    return payload
+
+
+def format_table(stats: dict) -> str:
+    """bbox / segm rows of mAP, mAP_50, ..., mAP_l; '-' where COCOeval has nothing to evaluate (-1)."""
+    lines = [f"{'':6}" + "".join(f"{s:>8}" for s in TABLE_STATS)]
+    for iou_type in ("bbox", "segm"):
+        vals = [stats[f"{iou_type}_{s}"] for s in TABLE_STATS]
+        lines.append(f"{iou_type:6}" + "".join(f"{v:8.3f}" if v >= 0 else f"{'-':>8}" for v in vals))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.img_size is not None and (args.img_size <= 0 or args.img_size % 32):
+        parser.error(f"--data.img_size must be a positive multiple of 32, got {args.img_size}")
+    try:
+        payload = evaluate(args)
+    except (CheckpointError, DatasetError) as e:
+        print(f"error: {_one_error(e)}", file=sys.stderr)
+        return 2
+    print(f"{payload['checkpoint']} (RTMDet-Ins-{payload['size']}, {payload['format']}) on {payload['num_images']} "
+          f"images of {payload['ann_file']} at {payload['img_size']}px:")
+    print(format_table(payload))
+    print(f"metrics: {args.output}  detections: {payload['detections_file']}")
+    return 0
+
+
+def _one_error(e: Exception) -> str:
+    """A dataloader worker re-raises with the worker's traceback in the message: keep its last line."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        msg = msg.strip().splitlines()[-1].split("Error: ", 1)[-1]
+    return msg
+
+
+if __name__ == "__main__":
+    sys.exit(main())
