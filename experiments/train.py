@@ -18,7 +18,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
-from datamodules import COCODataModule  # noqa: E402
+from datamodules import COCODataModule, DatasetError  # noqa: E402
+from rtmdet.checkpoint import CheckpointError  # noqa: E402
 from rtmdet.lightning_module import RTMDetInsModule  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -90,5 +91,16 @@ def main(args: list[str] | None = None) -> dict:
     return payload
 
 
+def cli() -> None:
+    """Entry point: bad data or checkpoints end with their message and exit code 2, no traceback."""
+    try:
+        main()
+    except (DatasetError, CheckpointError) as e:
+        lines = str(e).strip().splitlines()
+        # Errors re-raised from DataLoader workers carry the worker's traceback; the cause is last.
+        print(f"error: {lines[-1] if lines[0].startswith('Caught') else str(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -44,3 +44,19 @@ def test_two_epochs_results_json_and_resume_from_last(tiny_dataset, tmp_path):
     # Resume: the schedule continues from step 4 to 6.
     payload = main([*args, "--trainer.max_epochs=3", "--ckpt_path=last"])
     assert payload["global_step"] == 6 and payload["epochs"] == 3
+
+
+def test_bad_annotation_file_ends_with_a_clear_message(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "train.json"
+    bad.write_text("{not json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", f"--data.train_ann_file={bad}", f"--data.train_img_dir={tmp_path}",
+         "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"error: {bad}: not valid JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
