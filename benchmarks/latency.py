@@ -54,19 +54,18 @@ def timeit(fn, warmup: int, iters: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def measure(size: str, img_size: int, warmup: int, iters: int, fuse: bool, channels_last: bool) -> dict:
+def measure(size: str, img_size: int, warmup: int, iters: int, channels_last: bool,
+            orig: tuple[int, int]) -> dict:
     model = build_model(size).eval()
     busy_head(model)
-    if fuse:
-        model.fuse()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    # A 1280 x 960 original letterboxed into the input, so masks are pasted at the original size.
-    s = img_size / 1280
-    metas = [ImageMeta((960, 1280), (s, round(960 * s) / 960), (img_size, img_size))]
+    # The original image letterboxed into the input: boxes and masks come back at its size.
+    (oh, ow), s = orig, min(img_size / orig[0], img_size / orig[1])
+    metas = [ImageMeta((oh, ow), (round(ow * s) / ow, round(oh * s) / oh), (img_size, img_size))]
     with torch.no_grad():
         out = model(x)
         res = model.postprocess(out, x.shape[-2:], model.strides, metas)[0]
@@ -91,8 +90,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--fuse", action="store_true", help="fold BN into convs (model.fuse())")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--orig", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
+                   help="original image size the results are mapped back to (default: a typical COCO image)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     result = {
@@ -100,9 +100,10 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": args.threads,
         "img_size": args.img_size,
-        "fuse": args.fuse,
         "channels_last": args.channels_last,
-        "sizes": {s: measure(s, args.img_size, args.warmup, args.iters, args.fuse, args.channels_last) for s in args.sizes},
+        "orig_size": list(args.orig),
+        "sizes": {s: measure(s, args.img_size, args.warmup, args.iters, args.channels_last,
+                             tuple(args.orig)) for s in args.sizes},
     }
     print(json.dumps(result, indent=2))
 
