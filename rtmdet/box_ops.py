@@ -21,23 +21,23 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-6) -> to
     return inter / union
 
 
-def aligned_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Element-wise IoU of (..., 4) and (..., 4) -> (...,)."""
+def _aligned_inter_union(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     lt = torch.maximum(boxes1[..., :2], boxes2[..., :2])
     rb = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    union = (box_area(boxes1) + box_area(boxes2) - inter).clamp(min=eps)
+    return inter, (box_area(boxes1) + box_area(boxes2) - inter).clamp(min=eps)
+
+
+def aligned_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Element-wise IoU of (..., 4) and (..., 4) -> (...,)."""
+    inter, union = _aligned_inter_union(boxes1, boxes2, eps)
     return inter / union
 
 
 def aligned_giou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Element-wise generalised IoU of (..., 4) and (..., 4) -> (...,), enclosing area clamped >= eps."""
-    lt = torch.maximum(boxes1[..., :2], boxes2[..., :2])
-    rb = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = (box_area(boxes1) + box_area(boxes2) - inter).clamp(min=eps)
+    inter, union = _aligned_inter_union(boxes1, boxes2, eps)
     enclose_wh = (torch.maximum(boxes1[..., 2:], boxes2[..., 2:]) - torch.minimum(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
     enclose = (enclose_wh[..., 0] * enclose_wh[..., 1]).clamp(min=eps)
     return inter / union - (enclose - union) / enclose

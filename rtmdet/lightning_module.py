@@ -16,6 +16,7 @@ import torch.distributed as dist
 from .checkpoint import load_mmdet_checkpoint
 from .coco_eval import COCOMetric
 from .model import RTMDetIns
+from .postprocess import InstancePostProcess
 from .schedule import lr_factor, scaled_lr, warmup_steps_for
 
 
@@ -60,9 +61,7 @@ class RTMDetInsModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = RTMDetIns(num_classes=num_classes, size=size)
-        post = self.model.postprocess
-        post.score_thr, post.nms_pre, post.iou_thr, post.max_per_img, post.mask_thr = (
-            score_thr, nms_pre, iou_thr, max_per_img, mask_thr)
+        self.model.postprocess = InstancePostProcess(score_thr, nms_pre, iou_thr, max_per_img, mask_thr)
         if pretrained:
             report = load_mmdet_checkpoint(self.model, pretrained, allow_num_classes_mismatch)
             print(f"pretrained: {report}")
