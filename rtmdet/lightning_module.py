@@ -74,9 +74,12 @@ class RTMDetInsModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int):
         images, targets = batch
+        bn_stats = self._bn_running_stats()
+        bn_backup = torch._foreach_mul(bn_stats, 1.0)  # one fused copy; restored if the step is skipped
         losses = self.model.loss(self.model(images), targets)
         loss = sum(losses.values())
         if not self._all_ranks_finite(loss):
+            torch._foreach_copy_(bn_stats, bn_backup)  # a NaN batch must not poison the BN statistics
             return self._skip_nonfinite(loss, targets)
         self._nonfinite_streak = 0
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=len(targets))
@@ -168,6 +171,10 @@ class RTMDetInsModule(L.LightningModule):
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite.item())
 
+    def _bn_running_stats(self) -> list[torch.Tensor]:
+        return [b for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                for b in (m.running_mean, m.running_var) if b is not None]
+
     def _skip_nonfinite(self, loss: torch.Tensor, targets: list[dict]):
         self._nonfinite_streak += 1
         ids = [int(t["image_id"]) for t in targets if "image_id" in t]
@@ -182,7 +189,9 @@ class RTMDetInsModule(L.LightningModule):
                 "lower the learning rate, check the annotations of those images, or raise max_nonfinite_steps"
             )
         if self.trainer.world_size == 1:
-            return None  # Lightning skips backward and the optimiser step
+            # Lightning skips backward; optimizer.step runs without gradients (weights unchanged),
+            # while global_step and the lr schedule advance.
+            return None
         # Under DDP every rank must run backward: a zero loss on the parameters gives zero gradients.
         return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
 

@@ -130,3 +130,155 @@ def test_ddp_gradients_and_losses_equal_one_process_on_the_global_batch(tmp_path
     single = torch.cat([g.flatten() for g in grads.values()])
     ddp_grad = torch.cat([ranks[0]["grads"][n].flatten() for n in grads])
     assert (ddp_grad - single).norm() <= 1e-5 * single.norm()
+
+
+# ------------------------------------------------------------------------------------ overfitting
+QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+
+
+@pytest.fixture(scope="module")
+def sprites(tmp_path_factory) -> tuple[str, str]:
+    """Two 64 x 64 sprite images, 2 + 6 instances of 132-432 pixels: (annotation file, image folder).
+
+    Smaller sprites (seeds with 80-pixel instances) need several hundred steps more for their masks.
+    """
+    root = tmp_path_factory.mktemp("sprites")
+    return str(generate_sprite_dataset(root, num_images=2, image_size=64, seed=3)), str(root / "train")
+
+
+def sprite_data(sprites: tuple[str, str], batch_size: int, img_size: int = 96) -> COCODataModule:
+    """The two images as training and validation set; no scale jitter (ratio 1) and no MixUp."""
+    ann_file, img_dir = sprites
+    return COCODataModule(ann_file, img_dir, ann_file, img_dir, img_size=img_size, batch_size=batch_size,
+                          num_workers=0, val_batch_size=2, nearest_resize=True, random_resize_ratio=(1.0, 1.0),
+                          mixup_prob=0.0, seed=0)
+
+
+def test_overfits_two_images_to_segm_ap50_above_0_9(sprites):
+    # The 64-pixel images go in at 96 (nearest): at 64 the stride-32 maps are 2 x 2, so BN normalises
+    # over 8 values and eval mode's unbiased running variance (x 8/7) alone costs the overfitted model
+    # most of its mask AP (train-mode loss 0.04, eval-mode 0.7 on the same batch).
+    L.seed_everything(0, verbose=False)
+    dm = sprite_data(sprites, batch_size=2)
+    module = RTMDetInsModule("tiny", num_classes=dm.num_classes, lr=0.002, scale_lr=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=200, limit_val_batches=0,
+                        callbacks=[PipelineSwitch(switch_epoch=0)], **QUIET)
+    trainer.fit(module, datamodule=dm)
+    assert dm.train_stage == 2 and trainer.global_step == 200
+    assert trainer.callback_metrics["train/loss"] < 0.2
+    L.Trainer(accelerator="cpu", **QUIET).validate(module, datamodule=dm, verbose=False)
+    assert module.last_metrics["bbox_mAP_50"] >= 0.9, module.last_metrics
+    assert module.last_metrics["segm_mAP_50"] >= 0.9, module.last_metrics
+
+
+# ------------------------------------------------------------------------------ mixed precision
+def test_bf16_autocast_training_step_is_finite_and_close_to_fp32():
+    model = tiny_model().train()
+    images, targets = make_batch()
+    with torch.no_grad():
+        reference = model.loss(model(images), targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+        assert out.kernels[0].dtype == torch.bfloat16  # the network really ran in bf16
+        losses = model.loss(out, targets)
+    for k, v in losses.items():
+        assert v.dtype == torch.float32 and torch.isfinite(v), k
+        torch.testing.assert_close(v.detach(), reference[k], rtol=0.05, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sum(losses.values()).backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
+    assert model.head.mask_head.projection.weight.grad.abs().sum() > 0
+    optimizer.step()
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bf16_mixed_trainer_fits_two_steps_on_cpu(sprites):
+    dm = sprite_data(sprites, batch_size=1, img_size=64)  # 2 images, batch 1: two training steps
+    module = RTMDetInsModule("tiny", num_classes=dm.num_classes, scale_lr=False)
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", fast_dev_run=2, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
+    assert "segm_mAP" in module.last_metrics  # validation (predict + COCO eval) ran under bf16 too
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="16-mixed needs CUDA: on CPU Lightning replaces it with bf16-mixed (tested above)")
+def test_16_mixed_trainer_fits_two_steps_on_gpu(sprites):
+    dm = sprite_data(sprites, batch_size=1, img_size=64)
+    module = RTMDetInsModule("tiny", num_classes=dm.num_classes, scale_lr=False)
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="16-mixed", fast_dev_run=2,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------ non-finite loss
+class _Batches(torch.utils.data.Dataset):
+    """Ready-made (images, targets) batches, one per index."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+class _ParameterLog(L.Callback):
+    """A copy of one weight after every training batch."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.weights.append(pl_module.model.head.rtm_cls[0].weight.detach().clone())
+
+
+def test_nonfinite_losses_are_skipped_then_stop_training():
+    images, targets = make_batch()
+    good = (images[:2], targets[:2])  # image ids 1, 2
+    nan_images = images[2:].clone()
+    nan_images[1, :, 10, 10] = float("nan")  # one pixel of one image poisons the whole batch's loss
+    bad = (nan_images, targets[2:])  # image ids 3, 4
+    loader = torch.utils.data.DataLoader(_Batches([bad, good, bad, bad]), batch_size=None)
+    torch.manual_seed(0)
+    module = RTMDetInsModule("tiny", num_classes=C, lr=1e-3, scale_lr=False, max_nonfinite_steps=1)
+    initial = module.model.head.rtm_cls[0].weight.detach().clone()
+    log = _ParameterLog()
+    trainer = L.Trainer(accelerator="cpu", max_steps=10, callbacks=[log], **QUIET)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(FloatingPointError, match=r"2 consecutive steps \(last images \[3, 4\]\)"):
+            trainer.fit(module, train_dataloaders=loader)
+    skipped = [str(w.message) for w in caught if "non-finite loss" in str(w.message)]
+    assert len(skipped) == 3 and all("images [3, 4]" in m for m in skipped), skipped
+    assert "1 in a row, limit 1" in skipped[0] and "2 in a row, limit 1" in skipped[2]
+    # Batch 0 skipped: no gradients, weights untouched; batch 1 trained; batch 2 skipped again. (Lightning
+    # still calls optimizer.step, a no-op without gradients, so global_step and the lr schedule advance.)
+    assert torch.equal(log.weights[0], initial) and not torch.equal(log.weights[1], initial)
+    assert torch.equal(log.weights[2], log.weights[1])
+
+
+def test_skipped_nonfinite_batch_leaves_bn_statistics_finite():
+    images, targets = make_batch()
+    nan_images = images[2:].clone()
+    nan_images[1, :, 10, 10] = float("nan")
+    loader = torch.utils.data.DataLoader(_Batches([(nan_images, targets[2:]), (images[:2], targets[:2])]),
+                                         batch_size=None)
+    torch.manual_seed(0)
+    module = RTMDetInsModule("tiny", num_classes=C, lr=1e-3, scale_lr=False, max_nonfinite_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        L.Trainer(accelerator="cpu", max_steps=2, **QUIET).fit(module, train_dataloaders=loader)
+    poisoned = [n for n, b in module.model.named_buffers() if b.is_floating_point() and not torch.isfinite(b).all()]
+    assert not poisoned, f"{len(poisoned)} non-finite buffers, e.g. {poisoned[:3]}"
+    with torch.no_grad():
+        assert torch.isfinite(module.model.eval()(images[:2]).mask_protos).all()
