@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from datamodules import CocoAnnotations, CocoDataset, DatasetError, collate, val_pipeline  # noqa: E402
+from experiments.errors import cli_error_message  # noqa: E402
 from rtmdet import SIZES, CheckpointError, normalize  # noqa: E402
 from rtmdet.coco_eval import COCOMetric  # noqa: E402
 from rtmdet.inference import load_checkpoint  # noqa: E402
@@ -106,21 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         payload = evaluate(args)
     except (CheckpointError, DatasetError) as e:
-        print(f"error: {_one_error(e)}", file=sys.stderr)
+        print(f"error: {cli_error_message(e)}", file=sys.stderr)
         return 2
     print(f"{payload['checkpoint']} (RTMDet-Ins-{payload['size']}, {payload['format']}) on {payload['num_images']} "
           f"images of {payload['ann_file']} at {payload['img_size']}px:")
     print(format_table(payload))
     print(f"metrics: {args.output}  detections: {payload['detections_file']}")
     return 0
-
-
-def _one_error(e: Exception) -> str:
-    """A dataloader worker re-raises with the worker's traceback in the message: keep its last line."""
-    msg = str(e)
-    if "Original Traceback" in msg:
-        msg = msg.strip().splitlines()[-1].split("Error: ", 1)[-1]
-    return msg
 
 
 if __name__ == "__main__":

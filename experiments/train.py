@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from datamodules import COCODataModule, DatasetError  # noqa: E402
+from experiments.errors import cli_error_message  # noqa: E402
 from rtmdet.checkpoint import CheckpointError  # noqa: E402
 from rtmdet.lightning_module import RTMDetInsModule  # noqa: E402
 
@@ -96,9 +97,7 @@ def cli() -> None:
     try:
         main()
     except (DatasetError, CheckpointError) as e:
-        lines = str(e).strip().splitlines()
-        # Errors re-raised from DataLoader workers carry the worker's traceback; the cause is last.
-        print(f"error: {lines[-1] if lines[0].startswith('Caught') else str(e)}", file=sys.stderr)
+        print(f"error: {cli_error_message(e)}", file=sys.stderr)
         sys.exit(2)
 
 

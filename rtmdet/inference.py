@@ -101,7 +101,7 @@ def _torch_load(path: str) -> object:
 
 def _from_lightning(ckpt: dict, sd: dict, path: str, size: str | None, num_classes: int | None) -> LoadedCheckpoint:
     hp = ckpt.get("hyper_parameters") or {}
-    sd = {k[len("model."):]: v for k, v in sd.items() if not k.startswith("model._criterion.")}
+    sd = {k[len("model."):]: v for k, v in sd.items()}
     cls_key = "head.rtm_cls.0.weight"
     if cls_key not in sd:
         raise CheckpointError(f"{path}: a Lightning checkpoint without {'model.' + cls_key}: not RTMDet-Ins")

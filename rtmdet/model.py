@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .backbone import CSPNeXt
+from .criterion import RTMDetInsCriterion
 from .head import RTMDetInsSepBNHead
 from .neck import CSPNeXtPAFPN
 from .postprocess import InstancePostProcess
@@ -60,7 +61,7 @@ class RTMDetIns(nn.Module):
         self.neck = CSPNeXtPAFPN(self.backbone.out_channels, cfg.neck_channels, cfg.neck_csp_blocks)
         self.head = RTMDetInsSepBNHead(num_classes, cfg.neck_channels)
         self.postprocess = InstancePostProcess()
-        self._criterion = None
+        self.criterion = RTMDetInsCriterion(num_classes, self.head.strides)  # no parameters or buffers
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -82,11 +83,7 @@ class RTMDetIns(nn.Module):
 
     def loss(self, outputs: RawOutputs, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Training objective (spec 4.2-4.3); see ``rtmdet.criterion.RTMDetInsCriterion``."""
-        if self._criterion is None:
-            from .criterion import RTMDetInsCriterion
-
-            self._criterion = RTMDetInsCriterion(self.num_classes, self.strides)
-        return self._criterion(outputs, targets)
+        return self.criterion(outputs, targets)
 
 
 def build_model(size: str = "tiny", num_classes: int = 80) -> RTMDetIns:
