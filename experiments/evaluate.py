@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # data workers share small CPUs (see train.py)
+import torch
+from torch.utils.data import DataLoader
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from datamodules import CocoAnnotations, CocoDataset, DatasetError, collate, val_pipeline  # noqa: E402
-from experiments.errors import cli_error_message  # noqa: E402
-from rtmdet import SIZES, CheckpointError, normalize  # noqa: E402
-from rtmdet.coco_eval import COCOMetric  # noqa: E402
-from rtmdet.inference import load_checkpoint  # noqa: E402
+from datamodules import CocoAnnotations, CocoDataset, DatasetError, collate, val_pipeline
+from experiments.errors import cli_error_message
+from rtmdet import SIZES, CheckpointError, normalize
+from rtmdet.coco_eval import COCOMetric
+from rtmdet.inference import load_checkpoint
 
 TABLE_STATS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
 

@@ -22,21 +22,18 @@ from __future__ import annotations
 import argparse
 import colorsys
 import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw, ImageOps  # noqa: E402
-
-from datamodules import DatasetError, load_image  # noqa: E402
-from rtmdet import SIZES, CheckpointError, preprocess  # noqa: E402
-from rtmdet.inference import coco_results, cutout, load_checkpoint  # noqa: E402
+from datamodules import DatasetError, load_image
+from rtmdet import SIZES, CheckpointError, preprocess
+from rtmdet.inference import coco_results, cutout, load_checkpoint
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

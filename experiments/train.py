@@ -8,20 +8,16 @@ validation metrics, checkpoint paths, wall time) into the run folder and prints 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-# Threads that yield instead of spin-waiting: on a small CPU the data workers share the cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from lightning.pytorch.cli import LightningCLI
 
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
-
-from datamodules import COCODataModule, DatasetError  # noqa: E402
-from experiments.errors import cli_error_message  # noqa: E402
-from rtmdet.checkpoint import CheckpointError  # noqa: E402
-from rtmdet.lightning_module import RTMDetInsModule  # noqa: E402
+from datamodules import COCODataModule, DatasetError
+from experiments.errors import cli_error_message
+from rtmdet.checkpoint import CheckpointError
+from rtmdet.lightning_module import RTMDetInsModule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "sprites_tiny.yaml"

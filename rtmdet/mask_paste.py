@@ -84,20 +84,19 @@ def paste_masks(logits: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor, thresh
     """logits (N, h, w), ry (Ho, h), rx (Wo, w) -> bool masks (N, Ho, Wo) of (Ry L Rx^T) > threshold."""
     n, (ho, wo) = logits.shape[0], (ry.shape[0], rx.shape[0])
     masks = _lazy_zeros((n, ho, wo), logits.device)
-    above = logits > threshold  # (N, h, w)
-    if n == 0 or not above.any():
+    if n == 0:
         return masks
-    rows, cols = _output_span(above.any(dim=2), ry), _output_span(above.any(dim=1), rx)  # (N, 4) each
-    logits = logits.to(ry.dtype)
+    rows = _output_span(logits.amax(dim=2) > threshold, ry)  # (N, 4): low-res rows with a logit above
+    cols = _output_span(logits.amax(dim=1) > threshold, rx)  # (N, 4): ... and columns
+    logits, rx_t = logits.to(ry.dtype), rx.t()
     # Regions are ragged (one rectangle per instance), so each instance gets its own pair of small
-    # GEMMs over the low-res window its rows/cols depend on, and a slice copy into its mask. A
-    # padded batch would cost O(N x largest region) and a scattered paste more than the copies.
+    # GEMMs over the low-res window its rows/cols depend on, thresholded straight into its mask.
+    # A padded batch costs O(N x largest region) plus the same per-instance copies; measured slower.
     for k, ((y0, y1, a0, a1), (x0, x1, b0, b1)) in enumerate(zip(rows.tolist(), cols.tolist())):
         if y1 > y0 and x1 > x0:
-            region = ry[y0:y1, a0:a1] @ logits[k, a0:a1, b0:b1] @ rx[x0:x1, b0:b1].T  # (y1-y0, x1-x0)
-            masks[k, y0:y1, x0:x1] = region > threshold
+            region = ry[y0:y1, a0:a1] @ (logits[k, a0:a1, b0:b1] @ rx_t[b0:b1, x0:x1])  # (y1-y0, x1-x0)
+            torch.gt(region, threshold, out=masks[k, y0:y1, x0:x1])
     return masks
-
 
 def _lazy_zeros(shape: tuple[int, ...], device) -> torch.Tensor:
     """All-False bool tensor. On CPU it comes from calloc (numpy), whose zero pages the OS maps

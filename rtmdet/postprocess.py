@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
 from .dynamic_mask import dynamic_mask_logits
-from .mask_paste import _scale_factor, paste_masks, resize_matrices
+from .mask_paste import _orig_size, _scale_factor, paste_masks, resize_matrices
 from .nms import batched_nms
 from .priors import distance2bbox, grid_priors
 
@@ -37,7 +39,7 @@ class InstancePostProcess(nn.Module):
         """outputs: ``RawOutputs``; input_size: (H, W) of the padded input; metas: see ``RTMDetIns.predict``."""
         cls_logits, box_dists, kernels, protos = outputs
         sizes = [tuple(x.shape[-2:]) for x in cls_logits]
-        points, point_strides = grid_priors(sizes, strides, protos.device)  # (P, 2), (P,)
+        points, point_strides = _cached_priors(tuple(sizes), tuple(strides), protos.device)  # (P, 2), (P,)
         level_starts = [0] + torch.tensor([h * w for h, w in sizes]).cumsum(0).tolist()
         results = []
         for b in range(protos.shape[0]):
@@ -52,24 +54,24 @@ class InstancePostProcess(nn.Module):
 
     def single(self, cls_logits, box_dists, kernels, protos, points, point_strides, level_starts,
                input_size, proto_stride, meta) -> dict[str, torch.Tensor]:
-        # 1-2. Per level: sigmoid scores, keep (prior, class) pairs above score_thr, top nms_pre;
-        # gather the candidates' box distances and dynamic kernels.
-        scores, labels, prior_idx, dists, params = [], [], [], [], []
+        # 1-2. Per level: keep (prior, class) pairs scoring above score_thr, the top nms_pre of
+        # them, and gather the candidates' box distances. Ranking raw logits is ranking sigmoid
+        # scores; a class-major flat index avoids transposing the (C, H*W) map.
+        scores, labels, prior_idx, dists = [], [], [], []
+        logit_thr = _logit(self.score_thr)
         for lvl, logits in enumerate(cls_logits):
-            s = logits.flatten(1).t().sigmoid().flatten()  # (H*W*C,) prior-major, class-minor
+            flat_logits = logits.flatten()  # (C*H*W,) class-major
             # The best nms_pre of those above score_thr = the best nms_pre overall, then thresholded.
-            kept, flat = s.topk(min(self.nms_pre, len(s)))  # sorted, descending
-            above = kept > self.score_thr
+            kept, flat = flat_logits.topk(min(self.nms_pre, len(flat_logits)))  # sorted, descending
+            above = kept > logit_thr
             kept, flat = kept[above], flat[above]
-            num_classes = logits.shape[0]
-            local = flat // num_classes
-            scores.append(kept)
-            labels.append(flat % num_classes)
+            num_priors = logits.shape[1] * logits.shape[2]
+            local = flat % num_priors
+            scores.append(kept.sigmoid())
+            labels.append(flat // num_priors)
             prior_idx.append(local + level_starts[lvl])
             dists.append(box_dists[lvl].flatten(1)[:, local].t())  # (M_l, 4)
-            params.append(kernels[lvl].flatten(1)[:, local].t())  # (M_l, 169)
-        scores, labels, prior_idx = torch.cat(scores), torch.cat(labels), torch.cat(prior_idx)
-        dists, params = torch.cat(dists), torch.cat(params)
+        scores, labels, prior_idx, dists = torch.cat(scores), torch.cat(labels), torch.cat(prior_idx), torch.cat(dists)
         # 3. Decode, clip to the padded input frame.
         H, W = input_size
         boxes = distance2bbox(points[prior_idx], dists.float())
@@ -83,12 +85,43 @@ class InstancePostProcess(nn.Module):
         valid = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
         keep = valid.nonzero().squeeze(1)
         keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], self.iou_thr, self.max_per_img)]
-        boxes, scores, labels, prior_idx, params = boxes[keep], scores[keep], labels[keep], prior_idx[keep], params[keep]
+        boxes, scores, labels, prior_idx = boxes[keep], scores[keep], labels[keep], prior_idx[keep]
+        params = _gather_priors(kernels, prior_idx, level_starts)  # (N, 169): only the kept instances
         # 7-10. Dynamic convs on the prototypes, then threshold at the output resolution.
         img_idx = torch.zeros_like(prior_idx)
         logits = dynamic_mask_logits(protos[None], params, points[prior_idx], point_strides[prior_idx], img_idx,
                                      proto_stride)  # (N, h, w)
-        ry, rx = resize_matrices(tuple(protos.shape[-2:]), proto_stride, (H, W), meta, protos.device)
-        threshold = torch.logit(torch.tensor(self.mask_thr, dtype=torch.float64)).item()  # sigmoid > t <=> x > logit(t)
-        masks = paste_masks(logits.float(), ry, rx, threshold)
+        frame = None if meta is None else {"orig_size": _orig_size(meta), "scale_factor": _scale_factor(meta)}
+        ry, rx = _cached_resize(tuple(protos.shape[-2:]), proto_stride, (int(H), int(W)), _freeze(frame), protos.device)
+        masks = paste_masks(logits.float(), ry, rx, _logit(self.mask_thr))
         return {"boxes": boxes, "scores": scores.float(), "labels": labels, "masks": masks}
+
+
+def _logit(p: float) -> float:
+    """sigmoid(x) > p <=> x > logit(p) (float64, so the comparison is as exact as the sigmoid's)."""
+    return torch.logit(torch.tensor(p, dtype=torch.float64)).item()
+
+
+def _gather_priors(maps: list[torch.Tensor], prior_idx: torch.Tensor, level_starts: list[int]) -> torch.Tensor:
+    """maps: per level (K, H_l, W_l); prior_idx (N,) indices into the concatenated levels -> (N, K)."""
+    out = maps[0].new_empty((len(prior_idx), maps[0].shape[0]))
+    for lvl, m in enumerate(maps):
+        sel = ((prior_idx >= level_starts[lvl]) & (prior_idx < level_starts[lvl + 1])).nonzero().squeeze(1)
+        out[sel] = m.flatten(1)[:, prior_idx[sel] - level_starts[lvl]].t()
+    return out
+
+
+# Priors and interpolation matrices depend only on sizes: computed once per input/original size.
+# Callers only read (index) the cached tensors.
+@functools.lru_cache(maxsize=8)
+def _cached_priors(sizes: tuple, strides: tuple, device: torch.device):
+    return grid_priors(list(sizes), strides, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_resize(feat_size: tuple, stride: int, input_size: tuple, frame, device: torch.device):
+    return resize_matrices(feat_size, stride, input_size, None if frame is None else dict(frame), device)
+
+
+def _freeze(meta: dict | None):
+    return None if meta is None else tuple(sorted(meta.items()))
