@@ -1,6 +1,8 @@
 """Data: COCO-format instance segmentation (loading, official transforms, Lightning DataModule)."""
 
-from .coco import CategoryMap, CocoAnnotations, DatasetError, InstanceMasks, decode_masks, load_image, load_sample
+from .coco import CategoryMap, CocoAnnotations, load_image, load_sample
+from .errors import DatasetError
+from .masks import InstanceMasks, decode_masks
 from .datamodule import (
     COCODataModule,
     CocoDataset,

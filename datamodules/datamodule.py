@@ -36,7 +36,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from rtmdet.preprocess import normalize
 
-from .coco import CocoAnnotations, DatasetError, InstanceMasks, load_sample
+from .coco import CocoAnnotations, load_sample
+from .errors import DatasetError
+from .masks import InstanceMasks
 from .transforms import Compose, train_pipeline, val_pipeline
 
 

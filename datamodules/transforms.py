@@ -32,7 +32,7 @@ from PIL import Image
 
 from rtmdet.preprocess import PAD_VALUE, letterbox, letterbox_size
 
-from .coco import InstanceMasks, nearest_index
+from .masks import InstanceMasks, nearest_index
 
 Sample = dict
 Transform = Callable[[Sample, np.random.Generator], "Sample | None"]

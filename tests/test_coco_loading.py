@@ -11,7 +11,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from datamodules.coco import CocoAnnotations, DatasetError, decode_masks, load_image, load_sample, rle_counts
+from datamodules.coco import CocoAnnotations, DatasetError, load_image, load_sample
+from datamodules.masks import decode_masks, rle_counts
 from tests._coco_factory import make_coco
 
 # pycocotools 2.0.x with numpy 2 warns on every mask decode

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.coco import InstanceMasks, nearest_index
+from datamodules.masks import InstanceMasks, nearest_index
 from datamodules.transforms import (
     CachedMixUp,
     CachedMosaic,
