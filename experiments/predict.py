@@ -20,7 +20,6 @@ to those the checkpoint was validated with (Lightning checkpoints), else 640 and
 from __future__ import annotations
 
 import argparse
-import colorsys
 import json
 import re
 import sys
@@ -29,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 
 from datamodules import DatasetError, load_image
 from rtmdet import SIZES, CheckpointError, preprocess
+from experiments.visualize import draw_overlay
 from rtmdet.inference import coco_results, cutout, load_checkpoint
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -70,34 +70,6 @@ def read_rgba(path: Path) -> np.ndarray | None:
         if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
             return np.array(ImageOps.exif_transpose(im).convert("RGBA"))
     return None
-
-
-def class_colour(label: int) -> tuple[int, int, int]:
-    """A distinct saturated colour per class (golden-ratio hue steps)."""
-    r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.85, 1.0)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def draw_overlay(image: np.ndarray, pred: dict, names: list[str]) -> Image.Image:
-    """image: (H, W, 3) uint8 RGB; pred: numpy boxes (N, 4) xyxy, scores, labels, masks (N, H, W) bool."""
-    out = image.astype(np.float32)
-    for k in reversed(range(len(pred["scores"]))):  # best instance painted last, on top
-        colour = np.array(class_colour(int(pred["labels"][k])), np.float32)
-        m = pred["masks"][k]
-        out[m] = 0.5 * out[m] + 0.5 * colour
-    im = Image.fromarray(out.round().astype(np.uint8))
-    draw = ImageDraw.Draw(im)
-    width = max(1, round(min(image.shape[:2]) / 300))
-    for k in reversed(range(len(pred["scores"]))):
-        label, colour = int(pred["labels"][k]), class_colour(int(pred["labels"][k]))
-        x0, y0, x1, y1 = pred["boxes"][k].tolist()
-        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
-        text = f"{names[label]} {pred['scores'][k]:.2f}"
-        tx0, ty0, tx1, ty1 = draw.textbbox((x0, y0), text)
-        ty = max(y0 - (ty1 - ty0) - 2, 0)  # above the box, or inside it at the top edge
-        draw.rectangle([tx0, ty, tx1 + 2, ty + (ty1 - ty0) + 2], fill=colour)
-        draw.text((x0 + 1, ty + 1 - (ty0 - y0)), text, fill=(0, 0, 0))
-    return im
 
 
 def _slug(text: str) -> str:
