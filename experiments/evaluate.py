@@ -2,12 +2,14 @@
 
     python -m experiments.evaluate --ckpt PATH [--size tiny] [--data.val_ann_file F --data.val_img_dir D]
         [--data.img_size 640] [--data.nearest_resize] [--data.val_batch_size 5] [--data.num_workers 2]
-        [--output results.json] [--device cpu]
+        [--output results.json] [--device cpu] [--no-data.check_images]
 
 No data given: the embedded sprite dataset's val split. The input size and resize mode default to
 those the checkpoint was validated with (Lightning checkpoints), else 640 and bilinear. Prints a
 table and writes the metrics (``bbox_mAP`` ... ``segm_AR_l`` and the run's settings) to
 ``--output`` and the detections, as a COCO results list, beside it (``<output>.detections.json``).
+Bad data (annotation problems; image files missing, unreadable, truncated or of another size than
+the json says) ends with one ``error: ...`` listing every problem, before the model runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules import CocoAnnotations, CocoDataset, DatasetError, collate, val_pipeline
+from datamodules.coco import problems_message
 from experiments.errors import cli_error_message
 from rtmdet import SIZES, CheckpointError, normalize
 from rtmdet.coco_eval import COCOMetric
@@ -41,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nearest-neighbour letterbox (default: checkpoint's, or bilinear)")
     p.add_argument("--data.val_batch_size", dest="batch_size", type=int, default=5, metavar="N")
     p.add_argument("--data.num_workers", dest="num_workers", type=int, default=2, metavar="N")
+    p.add_argument("--data.check_images", dest="check_images", action=argparse.BooleanOptionalAction, default=True,
+                   help="open every image file first and report all bad ones at once (default: on)")
     p.add_argument("--output", default="results.json", help="metrics json (detections go beside it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
@@ -60,6 +65,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     img_size = args.img_size or loaded.img_size or 640
     nearest = args.nearest if args.nearest is not None else bool(loaded.nearest_resize)
     annotations = CocoAnnotations(args.ann_file, args.img_dir)
+    problems = annotations.validate_images() if args.check_images else []
+    if problems:
+        raise DatasetError(problems_message(f"{len(problems)} image file problem(s); fix or remove these images:",
+                                            problems))
     categories = annotations.categories
     if categories.num_classes != model.num_classes:
         raise DatasetError(f"{args.ann_file} has {categories.num_classes} categories, but {args.ckpt} predicts "

@@ -3,6 +3,11 @@
 With no arguments it trains RTMDet-Ins-tiny on the embedded pixel-sprite dataset
 (``experiments/configs/sprites_tiny.yaml``). At the end of the fit it writes ``results.json`` (final
 validation metrics, checkpoint paths, wall time) into the run folder and prints its path.
+
+Before the first step the annotation files and every image file are checked (``--data.check_images``);
+bad data ends the run with one ``error: ...`` listing every problem and exit code 2. Checkpoints are
+written atomically (``rtmdet.checkpoint_io.AtomicCheckpointIO``), so ``--ckpt_path last`` resumes
+even after ``kill -9`` or a full disk during a save.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import time
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from datamodules import COCODataModule, DatasetError
 from experiments.errors import cli_error_message
 from rtmdet.checkpoint import CheckpointError
+from rtmdet.checkpoint_io import AtomicCheckpointIO
 from rtmdet.lightning_module import RTMDetInsModule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -29,6 +36,8 @@ class RTMDetCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="resume from a checkpoint file, or 'last' for the run's last.ckpt")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        # Atomic checkpoint saves by default, visible in --print_config (a config's own plugins replace it).
+        parser.set_defaults({"trainer.plugins": [{"class_path": "rtmdet.checkpoint_io.AtomicCheckpointIO"}]})
 
     def before_instantiate_classes(self) -> None:
         # One run folder: checkpoints, W&B files and results.json under trainer.default_root_dir.
@@ -45,6 +54,12 @@ class RTMDetCLI(LightningCLI):
         if hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("AutoWandbLogger"):
             if not logger.init_args.get("save_dir"):
                 logger.init_args["save_dir"] = root
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # plugins given without a CheckpointIO
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def results_payload(module, trainer, wall_time: float) -> dict:

@@ -7,6 +7,7 @@ callback (rtmdet/ema.py), so validation and checkpoints use the averaged weights
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import lightning as L
@@ -35,6 +36,9 @@ class RTMDetInsModule(L.LightningModule):
         allow_num_classes_mismatch: load ``pretrained`` even if its classifier has another class count.
         max_nonfinite_steps: consecutive non-finite losses tolerated (each skipped) before stopping.
         score_thr, nms_pre, iou_thr, max_per_img, mask_thr: test-time postprocessing.
+        compile: ``torch.compile`` the network's forward (training and inference; the backward follows).
+            The first steps pay the compilation (about a minute on a CPU, once per mode); on a CPU
+            the training step gains little (see ``python -m benchmarks.train_step --compile``).
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class RTMDetInsModule(L.LightningModule):
         iou_thr: float = 0.6,
         max_per_img: int = 100,
         mask_thr: float = 0.5,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -65,6 +70,8 @@ class RTMDetInsModule(L.LightningModule):
         if pretrained:
             report = load_mmdet_checkpoint(self.model, pretrained, allow_num_classes_mismatch)
             print(f"pretrained: {report}")
+        if compile:
+            self.model.compile()  # in place (nn.Module.compile): state_dict keys and checkpoints unchanged
         self.val_metric: COCOMetric | None = None
         self._nonfinite_streak = 0
 
@@ -74,9 +81,11 @@ class RTMDetInsModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int):
         images, targets = batch
+        self._batch_info = _describe_batch(images, targets)  # for an out-of-memory error, here or in backward
         bn_stats = self._bn_running_stats()
         bn_backup = torch._foreach_mul(bn_stats, 1.0)  # one fused copy; restored if the step is skipped
-        losses = self.model.loss(self.model(images), targets)
+        with self._name_batch_on_oom():
+            losses = self.model.loss(self.model(images), targets)
         loss = sum(losses.values())
         if not self._all_ranks_finite(loss):
             torch._foreach_copy_(bn_stats, bn_backup)  # a NaN batch must not poison the BN statistics
@@ -85,6 +94,10 @@ class RTMDetInsModule(L.LightningModule):
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=len(targets))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(targets))
         return loss
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        with self._name_batch_on_oom():
+            super().backward(loss, *args, **kwargs)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate_batch(batch)
@@ -195,3 +208,28 @@ class RTMDetInsModule(L.LightningModule):
         # Under DDP every rank must run backward: a zero loss on the parameters gives zero gradients.
         return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
 
+    # ---------------------------------------------------------------------------- out of memory
+    @contextlib.contextmanager
+    def _name_batch_on_oom(self):
+        """Re-raise an out-of-memory error naming the step and the batch (image ids, instance counts):
+        memory grows with the instances of an image, so one crowded image can be the cause. The
+        original message is kept, so that Lightning's OOM checks (batch-size finder) still apply."""
+        try:
+            yield
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            msg = str(e)
+            if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg
+                    or "DefaultCPUAllocator: can't allocate" in msg):
+                raise
+            original = (msg.strip().splitlines() or [type(e).__name__])[0]
+            error = torch.OutOfMemoryError if isinstance(e, torch.OutOfMemoryError) else RuntimeError
+            raise error(f"out of memory at training step {self.global_step} on {self._batch_info}; lower "
+                        f"--data.batch_size or --data.img_size, or check those images' annotations. "
+                        f"{original}") from e
+
+
+def _describe_batch(images: torch.Tensor, targets: list[dict]) -> str:
+    """'batch (B, 3, H, W), image ids [...], instances [...]' (ids and counts in batch order)."""
+    ids = [t.get("image_id") for t in targets]
+    counts = [len(t["labels"]) if "labels" in t else None for t in targets]
+    return f"batch {tuple(images.shape)}, image ids {ids}, instances {counts}"
