@@ -68,13 +68,24 @@ def results_payload(module, trainer, wall_time: float) -> dict:
     ckpt = trainer.checkpoint_callback
     payload.update(
         best_checkpoint=getattr(ckpt, "best_model_path", None) or None,
-        last_checkpoint=getattr(ckpt, "last_model_path", None) or None,
+        last_checkpoint=last_checkpoint(trainer),
         best_segm_mAP=float(ckpt.best_model_score) if getattr(ckpt, "best_model_score", None) is not None else None,
         epochs=trainer.current_epoch,
         global_step=trainer.global_step,
         wall_time_s=round(wall_time, 1),
     )
     return payload
+
+
+def last_checkpoint(trainer) -> str | None:
+    """The path of last.ckpt: a callback's ``save_last`` file, or the recipes' every-epoch callback
+    (``filename: last``, top-1 without a monitor = the latest epoch)."""
+    for cb in trainer.checkpoint_callbacks:
+        path = getattr(cb, "last_model_path", "") or (
+            getattr(cb, "best_model_path", "") if cb.monitor is None and cb.filename == "last" else "")
+        if path:
+            return path
+    return None
 
 
 def run_dir(trainer) -> Path:
