@@ -1,6 +1,11 @@
 """End-to-end predict latency (forward + postprocess), batch 1, per size. Prints one JSON object.
 
-    python -m benchmarks.latency --sizes tiny --img-size 640 --threads 2
+    python -m benchmarks.latency --sizes tiny --img-size 640 --threads 2 [--fuse] [--channels-last] [--compile]
+
+``--fuse`` folds the BatchNorms into the convs (``RTMDetIns.fuse``), ``--channels-last`` runs the
+network in NHWC, ``--compile`` additionally times ``torch.compile`` of the network's forward (the
+postprocess stays eager): its compile time (the first call) is reported separately from the
+steady-state forward and predict times and their speed-up over eager with the same flags.
 
 Leave OMP_WAIT_POLICY unset (libgomp's default): PASSIVE makes every parallel region pay a thread
 wake-up, which costs the forward about 40% and the postprocess's many small ops about 2.5x here.
@@ -58,9 +63,11 @@ def timeit(fn, warmup: int, iters: int) -> float:
 
 
 def measure(size: str, img_size: int, warmup: int, iters: int, channels_last: bool,
-            orig: tuple[int, int]) -> dict:
+            orig: tuple[int, int], fuse: bool = False, compile: bool = False) -> dict:
     model = build_model(size).eval()
     busy_head(model)
+    if fuse:
+        model.fuse()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
@@ -76,7 +83,7 @@ def measure(size: str, img_size: int, warmup: int, iters: int, channels_last: bo
         forward_ms = timeit(lambda: model(x), warmup, iters)
         post_ms = timeit(lambda: model.postprocess(out, x.shape[-2:], model.strides, metas), warmup, iters)
         predict_ms = timeit(lambda: model.predict(x, metas), warmup, iters)
-    return {
+    result = {
         "forward_ms": round(forward_ms, 2),
         "postprocess_ms": round(post_ms, 2),
         "predict_ms": round(predict_ms, 2),
@@ -84,32 +91,67 @@ def measure(size: str, img_size: int, warmup: int, iters: int, channels_last: bo
         "detections": dets,
         "mean_mask_fraction_of_image": round(mask_fraction, 3),
     }
+    if compile:
+        result["compiled"] = measure_compiled(model, x, out, metas, warmup, iters, forward_ms, predict_ms)
+    return result
 
 
-def main() -> None:
+def measure_compiled(model, x, eager_out, metas, warmup: int, iters: int, eager_forward_ms: float,
+                     eager_predict_ms: float) -> dict:
+    """torch.compile of the forward: compile time (first call), steady-state times, gain over eager."""
+    model.compile()  # in place (nn.Module.compile): predict() calls the compiled forward
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(x)
+        compile_s = time.perf_counter() - t0
+        max_diff = max((a - b).abs().max().item() for a, b in zip(out.cls_logits, eager_out.cls_logits))
+        forward_ms = timeit(lambda: model(x), warmup, iters)
+        predict_ms = timeit(lambda: model.predict(x, metas), warmup, iters)
+    return {
+        "compile_s": round(compile_s, 1),
+        "forward_ms": round(forward_ms, 2),
+        "predict_ms": round(predict_ms, 2),
+        "forward_speedup": round(eager_forward_ms / forward_ms, 3),
+        "predict_speedup": round(eager_predict_ms / predict_ms, 3),
+        "max_abs_diff_cls_logits": max_diff,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["tiny"])
     p.add_argument("--img-size", type=int, default=640)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--fuse", action="store_true", help="fold BatchNorm into the convs (RTMDetIns.fuse)")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the forward (compile time reported separately)")
     p.add_argument("--orig", type=int, nargs=2, default=(640, 640), metavar=("H", "W"),
                    help="original image size the results are mapped back to (default: a 640x640 image; "
                         "480 640 is a typical COCO image)")
-    args = p.parse_args()
+    return p
+
+
+def run(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {
+    return {
         "benchmark": "latency",
         "torch": torch.__version__,
         "threads": args.threads,
         "img_size": args.img_size,
+        "fuse": args.fuse,
         "channels_last": args.channels_last,
         "orig_size": list(args.orig),
-        "sizes": {s: measure(s, args.img_size, args.warmup, args.iters, args.channels_last,
-                             tuple(args.orig)) for s in args.sizes},
+        "sizes": {s: measure(s, args.img_size, args.warmup, args.iters, args.channels_last, tuple(args.orig),
+                             args.fuse, args.compile) for s in args.sizes},
     }
-    print(json.dumps(result, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    print(json.dumps(run(argv), indent=2))
 
 
 if __name__ == "__main__":

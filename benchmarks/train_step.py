@@ -8,17 +8,25 @@ batch 2 x 640^2 sprite sheets with 100 / 300 / 500 instances per image, from whi
 growth per 100 instances is fitted. ``data_rss_mb`` is the resident memory once the model and the
 batch (full-resolution bool masks included) exist, before the first step; ``step_peak_mb`` is the
 peak above it.
+
+``--channels-last`` trains in NHWC; ``--compile`` compiles the network's forward (and with it the
+backward) with ``torch.compile``, assignment and losses staying eager. ``first_step_s`` is the
+first step's time (with ``--compile`` that is mostly the compilation), excluded from ``step_s``.
+Besides the named cases above, any ``b{batch}_{size}_{n}inst`` is accepted (``--quick`` uses small
+ones); the memory growth is fitted over the cases that share a batch and size.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +37,15 @@ CASES = {
     "b2_640_300inst": (2, 640, 300),
     "b2_640_500inst": (2, 640, 500),
 }
+QUICK_CASES = ["b2_128_4inst", "b2_128_20inst"]  # seconds, for smoke tests
+_CASE = re.compile(r"b(\d+)_(\d+)_(\d+)inst")
+
+
+def parse_case(name: str) -> tuple[int, int, int]:
+    """'b{batch}_{size}_{n}inst' -> (batch, image size, instances per image)."""
+    if not (m := _CASE.fullmatch(name)):
+        raise ValueError(f"case {name!r} is not b{{batch}}_{{size}}_{{instances}}inst")
+    return tuple(int(v) for v in m.groups())
 
 
 def rss_mb() -> float:
@@ -77,16 +94,22 @@ def count_positives(model, crit, images, targets) -> int:
     return int(a.pos_mask.sum())
 
 
-def run_case(name: str, size: str, warmup: int, iters: int, mask_chunk: int) -> dict:
+def run_case(name: str, size: str, warmup: int, iters: int, mask_chunk: int, channels_last: bool = False,
+             compile: bool = False) -> dict:
     from rtmdet import build_model
     from rtmdet.criterion import RTMDetInsCriterion
 
-    batch, img, num = CASES[name]
+    batch, img, num = parse_case(name)
     torch.manual_seed(0)
     model = build_model(size).train()
     criterion = RTMDetInsCriterion(model.num_classes, model.strides, mask_chunk_size=mask_chunk or None)
     opt = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=0.05)
     images = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(1))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    if compile:
+        model.compile()  # in place: state_dict keys unchanged
     targets = make_targets(batch, img, num, model.num_classes)
     data_rss = rss_mb()
     peak_before = peak_rss_mb()
@@ -100,56 +123,103 @@ def run_case(name: str, size: str, warmup: int, iters: int, mask_chunk: int) -> 
         opt.step()
         return {k: round(float(v.detach()), 4) for k, v in losses.items()}
 
-    for i in range(warmup + iters):
+    for i in range(max(warmup, 1) + iters):
         t0 = time.perf_counter()
         losses = step()
-        if i >= warmup:
+        if i == 0:
+            first_step_s, first_losses = time.perf_counter() - t0, losses
+        elif i >= max(warmup, 1):
             times.append(time.perf_counter() - t0)
     return {
         "positives": count_positives(model, criterion, images, targets),
         "batch": batch, "img_size": img, "instances_per_image": num,
+        "channels_last": channels_last, "compile": compile,
         "step_s": round(statistics.median(times), 3),
+        "first_step_s": round(first_step_s, 3),
         "peak_rss_mb": round(peak_rss_mb()),
         "data_rss_mb": round(data_rss),
         "step_peak_mb": round(peak_rss_mb() - data_rss),
         "data_creation_peak_mb": round(peak_before),
+        "first_losses": first_losses,
         "last_losses": losses,
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps (at least the first)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--cases", nargs="+", default=list(CASES))
+    p.add_argument("--quick", action="store_true", help=f"small cases {QUICK_CASES}, 1 timed step")
     p.add_argument("--mask-chunk", type=int, default=64,
                    help="positives per checkpointed mask-loss chunk; 0: unchunked")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network's forward")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.case:
-        print(json.dumps(run_case(args.case, args.size, args.warmup, args.iters, args.mask_chunk)))
-        return
+    return p
+
+
+def memory_summary(results: dict) -> dict:
+    """Growth per 100 instances over the largest group of cases sharing (batch, size): between its
+    smallest and largest memory case (>= 100 instances; any two cases where there are fewer)."""
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for r in results.values():
+        groups.setdefault((r["batch"], r["img_size"]), []).append(r)
+    if not groups:
+        return {}
+    group = sorted(max(groups.values(), key=len), key=lambda r: r["instances_per_image"])
+    if len(crowded := [r for r in group if r["instances_per_image"] >= 100]) >= 2:
+        group = crowded
+    if len(group) < 2:
+        return {}
+    lo, hi = group[0], group[-1]
+    dn = (hi["instances_per_image"] - lo["instances_per_image"]) / 100
+    return {
+        "per_100_instances_mb": {k: round((hi[k] - lo[k]) / dn, 1)
+                                 for k in ("peak_rss_mb", "data_rss_mb", "step_peak_mb")},
+        "per_100_instances_s": round((hi["step_s"] - lo["step_s"]) / dn, 3),
+        "max_instances": {"batch": hi["batch"], "img_size": hi["img_size"],
+                          "instances_per_image": hi["instances_per_image"],
+                          "peak_rss_mb": hi["peak_rss_mb"], "step_s": hi["step_s"]},
+    }
+
+
+def run(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    cases = QUICK_CASES if args.quick else args.cases
+    iters = 1 if args.quick else args.iters
+    for name in cases:
+        parse_case(name)
     results = {}
-    for name in args.cases:
+    for name in cases:
         cmd = [sys.executable, "-m", "benchmarks.train_step", "--case", name, "--size", args.size,
-               "--threads", str(args.threads), "--warmup", str(args.warmup), "--iters", str(args.iters),
+               "--threads", str(args.threads), "--warmup", str(args.warmup), "--iters", str(iters),
                "--mask-chunk", str(args.mask_chunk)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
-    growth = [results[f"b2_640_{n}inst"] for n in (100, 300, 500) if f"b2_640_{n}inst" in results]
-    summary = {"size": args.size, "threads": args.threads, "mask_chunk": args.mask_chunk, "torch": torch.__version__,
+        cmd += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        if proc.returncode:
+            # An honest report of a failing configuration (e.g. torch.compile without a compiler).
+            results[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else
+                             f"exit status {proc.returncode}"}
+            continue
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = {"benchmark": "train_step", "size": args.size, "threads": args.threads, "mask_chunk": args.mask_chunk,
+               "channels_last": args.channels_last, "compile": args.compile, "torch": torch.__version__,
                "cases": results}
-    if len(growth) >= 2:
-        dn = (growth[-1]["instances_per_image"] - growth[0]["instances_per_image"]) / 100
-        summary["per_100_instances_mb"] = {
-            key: round((growth[-1][key] - growth[0][key]) / dn, 1)
-            for key in ("peak_rss_mb", "data_rss_mb", "step_peak_mb")
-        }
-        summary["per_100_instances_s"] = round((growth[-1]["step_s"] - growth[0]["step_s"]) / dn, 3)
-    print(json.dumps(summary, indent=1))
+    summary.update(memory_summary({k: v for k, v in results.items() if "error" not in v}))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.case:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(run_case(args.case, args.size, args.warmup, args.iters, args.mask_chunk,
+                                  args.channels_last, args.compile)))
+        return
+    print(json.dumps(run(argv), indent=1))
 
 
 if __name__ == "__main__":

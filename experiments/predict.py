@@ -2,6 +2,7 @@
 
     python -m experiments.predict --ckpt PATH --input IMG_OR_DIR --output DIR [--score-thr 0.3]
         [--img-size 640] [--nearest | --no-nearest] [--size tiny] [--batch-size 4] [--device cpu]
+        [--fuse] [--compile]
 
 Writes into DIR:
 
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=list(SIZES), help="model size (default: read from the checkpoint)")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fuse", action="store_true", help="fold BatchNorm into the convs (same results, faster)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (pays off over many images; the first batch compiles)")
     return p
 
 
@@ -81,6 +85,10 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]
     files = list_inputs(Path(args.input))
     loaded = load_checkpoint(args.ckpt, args.size, device=args.device)
     model = loaded.model
+    if args.fuse:
+        model.fuse()
+    if args.compile:
+        model.compile()
     model.postprocess.score_thr = args.score_thr  # a threshold commutes with NMS: filter before it
     img_size = args.img_size or loaded.img_size or 640
     nearest = args.nearest if args.nearest is not None else bool(loaded.nearest_resize)

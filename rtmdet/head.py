@@ -86,7 +86,7 @@ class RTMDetInsSepBNHead(nn.Module):
         cls_logits, box_dists, kernels = [], [], []
         for lvl, (x, stride) in enumerate(zip(feats, self.strides)):
             cls_feat = x
-            for conv, bn in zip(self.cls_convs, self.cls_norms[lvl]):
+            for conv, bn in zip(self.cls_convs, self.cls_norms[lvl]):  # fused: identity, level's conv (fuse.py)
                 cls_feat = self.cls_act(bn(conv(cls_feat)))
             cls_logits.append(self.rtm_cls[lvl](cls_feat))
             box_dists.append(self.rtm_reg[lvl](cls_feat).relu() * stride)  # reg tower == cls tower

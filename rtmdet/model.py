@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .backbone import CSPNeXt
 from .criterion import RTMDetInsCriterion
+from .fuse import fuse_conv_bn
 from .head import RTMDetInsSepBNHead
 from .neck import CSPNeXtPAFPN
 from .postprocess import InstancePostProcess
@@ -80,6 +81,18 @@ class RTMDetIns(nn.Module):
         ``scores`` (N,), ``labels`` (N,) int64, ``masks`` (N, h, w) bool, sorted by score.
         """
         return self.postprocess(self(images), images.shape[-2:], self.strides, metas)
+
+    def fuse(self) -> RTMDetIns:
+        """Fold every BatchNorm into the conv before it, in place, for inference; returns self.
+
+        Outputs are unchanged up to float rounding, the forward is faster. Eval mode only (it
+        folds the running statistics); load checkpoints before fusing, and fuse a copy
+        (``copy.deepcopy(model).fuse()``) to keep a trainable model. See ``rtmdet/fuse.py``.
+        """
+        if self.training:
+            raise RuntimeError("fuse() folds the BatchNorm running statistics and is for inference only: "
+                               "call model.eval() first (and load checkpoints before fusing)")
+        return fuse_conv_bn(self)
 
     def loss(self, outputs: RawOutputs, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Training objective (spec 4.2-4.3); see ``rtmdet.criterion.RTMDetInsCriterion``."""

@@ -1,0 +1,63 @@
+"""``python -m benchmarks --quick`` runs every part and prints one JSON object with the expected keys.
+
+A smoke test of the benchmark code (tiny inputs, one or two iterations), not a measurement.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_benchmarks(*args: str, timeout: float = 300) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)  # exactly one JSON object
+
+
+def test_quick_run_all_parts():
+    out = run_benchmarks()
+    assert out["parts"] == ["latency", "train_step", "data_pipeline"]
+    for part in out["parts"]:
+        assert "error" not in json.dumps(out[part]), out[part]
+    s = out["summary"]
+    for variant in ("plain", "fuse"):
+        lat = s[f"latency_{variant}"]
+        assert lat["detections"] == 100 and lat["predict_ms"] > 0 and lat["forward_ms"] > 0
+    assert all(v > 0 for v in s["train_step_s_eager"].values())
+    mem = s["train_memory"]
+    assert mem["max_instances"]["peak_rss_mb"] > 0 and mem["max_instances"]["instances_per_image"] > 4
+    assert set(mem["per_100_instances_mb"]) == {"peak_rss_mb", "data_rss_mb", "step_peak_mb"}
+    assert s["data_pipeline"]["images_per_s"] > 0
+    case = next(iter(out["train_step"]["eager"]["cases"].values()))
+    assert {"step_s", "first_step_s", "peak_rss_mb", "first_losses"} <= set(case)
+
+
+def test_part_selection_and_missing_mmdet_python():
+    out = run_benchmarks("--parts", "data_pipeline")
+    assert out["parts"] == ["data_pipeline"] and "latency" not in out
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--mmdet-python", "/nonexistent/python"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "mmdet 3.3.0" in proc.stderr
+
+
+@pytest.mark.parity
+@pytest.mark.skipif(importlib.util.find_spec("mmdet") is None, reason="needs mmdet 3.3.0 (the parity venv)")
+def test_quick_side_by_side_with_mmdet():
+    out = run_benchmarks("--parts", "side_by_side", "--mmdet-python", sys.executable, timeout=600)
+    sbs = out["side_by_side"]
+    assert "error" not in sbs, sbs
+    pred, train = sbs["predict"], sbs["train"]
+    assert set(pred["contestants"]) == {"ours", "ours+fuse", "mmdet"}
+    assert pred["contestants"]["mmdet"]["check"]["nms"].startswith("C port")
+    for name, agreement in pred["agreement"].items():  # both sides paste 100 masks
+        assert agreement["detections"] == [100, 100], name
+    assert all(a["losses_agree_1e-3"] for a in train["agreement"].values())  # same first-step losses
+    assert set(out["summary"]["side_by_side_train"]["ratios"]) == {"ours/mmdet", "ours+channels_last/mmdet"}
+    assert all(r > 0 for r in pred["ratios"].values())
