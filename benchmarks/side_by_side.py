@@ -136,6 +136,7 @@ def make_setup(path: Path, task: str, size: str, img_size: int, batch: int, inst
 
 def ours_worker(args: argparse.Namespace) -> None:
     from rtmdet import build_model, load_mmdet_checkpoint
+    from rtmdet.optim import build_optimizer
     from rtmdet.preprocess import ImageMeta
 
     torch.set_num_threads(args.threads)
@@ -166,7 +167,7 @@ def ours_worker(args: argparse.Namespace) -> None:
                  "masks_shape": list(res["masks"].shape)}
     else:
         targets = data["targets"]
-        opt = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=0.05)
+        opt = build_optimizer(model, lr=4e-3, weight_decay=0.05)  # as the LightningModule
 
         def step(_):
             losses = model.loss(model(images), targets)

@@ -98,12 +98,13 @@ def run_case(name: str, size: str, warmup: int, iters: int, mask_chunk: int, cha
              compile: bool = False) -> dict:
     from rtmdet import build_model
     from rtmdet.criterion import RTMDetInsCriterion
+    from rtmdet.optim import build_optimizer
 
     batch, img, num = parse_case(name)
     torch.manual_seed(0)
     model = build_model(size).train()
     criterion = RTMDetInsCriterion(model.num_classes, model.strides, mask_chunk_size=mask_chunk or None)
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=0.05)
+    opt = build_optimizer(model, lr=4e-3, weight_decay=0.05)  # as the LightningModule
     images = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(1))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

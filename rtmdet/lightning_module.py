@@ -17,6 +17,7 @@ import torch.distributed as dist
 from .checkpoint import load_mmdet_checkpoint
 from .coco_eval import COCOMetric
 from .model import RTMDetIns
+from .optim import build_optimizer
 from .postprocess import InstancePostProcess
 from .schedule import lr_factor, scaled_lr, warmup_steps_for
 
@@ -160,18 +161,10 @@ class RTMDetInsModule(L.LightningModule):
     # ------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
-        for module in self.model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                is_norm = isinstance(module, torch.nn.modules.batchnorm._NormBase)
-                (no_decay if is_norm or name == "bias" else decay).append(p)
         lr = hp.lr
         if hp.scale_lr:
             lr = scaled_lr(hp.lr, self._total_batch_size(), hp.base_batch_size)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=(0.9, 0.999), eps=1e-8,
-        )
+        optimizer = build_optimizer(self.model, lr, hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = warmup_steps_for(total, hp.warmup_iters, hp.warmup_max_fraction)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
