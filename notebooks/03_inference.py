@@ -23,7 +23,7 @@
 #
 # Nothing can be downloaded here, so the notebook uses the default training run's checkpoint,
 # `runs/sprites_tiny/checkpoints/last.ckpt` (what `python -m experiments.train` writes, in about
-# 15-25 minutes on 2 CPU cores) when it exists. Otherwise it trains a tiny model for a few dozen
+# 7 minutes on 2 CPU cores) when it exists. Otherwise it trains a tiny model for a few dozen
 # steps first, into a temporary folder.
 
 # %%
