@@ -253,15 +253,25 @@ class COCODataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.hparams.update(train_ann_file=train_ann_file, train_img_dir=train_img_dir,
                             val_ann_file=val_ann_file, val_img_dir=val_img_dir)
-        self.train_annotations = CocoAnnotations(train_ann_file, train_img_dir, min_size=train_min_size,
-                                                 keep_empty=train_empty_images)
+        if val_ann_file is not None and val_img_dir is None:
+            raise ValueError("val_img_dir is required with val_ann_file")
+        # Both files are parsed before anything is raised: one run reports the problems of both.
+        errors = []
+        try:
+            self.train_annotations = CocoAnnotations(train_ann_file, train_img_dir, min_size=train_min_size,
+                                                     keep_empty=train_empty_images)
+        except DatasetError as e:
+            errors.append(str(e))
         self.val_annotations = None
         if val_ann_file is not None:
-            if val_img_dir is None:
-                raise ValueError("val_img_dir is required with val_ann_file")
-            self.val_annotations = CocoAnnotations(val_ann_file, val_img_dir)
-            if self.val_annotations.categories != self.train_annotations.categories:
-                raise DatasetError(f"{val_ann_file}: categories differ from those of {train_ann_file}")
+            try:
+                self.val_annotations = CocoAnnotations(val_ann_file, val_img_dir)
+            except DatasetError as e:
+                errors.append(str(e))
+        if errors:
+            raise DatasetError("\n".join(errors))
+        if self.val_annotations is not None and self.val_annotations.categories != self.train_annotations.categories:
+            raise DatasetError(f"{val_ann_file}: categories differ from those of {train_ann_file}")
         self.batch_size = batch_size  # read by the LightningModule to scale the learning rate
         self.categories = self.train_annotations.categories
         self.num_classes: int = self.categories.num_classes

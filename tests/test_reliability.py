@@ -130,6 +130,19 @@ def test_all_annotation_problems_in_one_message(coco, tmp_path, monkeypatch, cap
         assert any(x.startswith(f"  {ann_file}: {line}") for x in lines), line
 
 
+
+def test_train_and_val_file_problems_in_one_run(coco, tmp_path, monkeypatch, capsys):
+    ann_file, img_dir = coco
+    val_file = ann_file.with_name("val.json")
+    val_file.write_text(ann_file.read_text())
+    train_expected, val_expected = [], []
+    edit_json(ann_file, lambda d: train_expected.append(_missing_key(d)))
+    edit_json(val_file, lambda d: val_expected.append(_unknown_category(d)))
+    code, err = run_cli(monkeypatch, capsys, [*train_args(tmp_path, ann_file, img_dir, val=(val_file, img_dir)),
+                                              "--trainer.fast_dev_run=true"])
+    assert code == 2
+    assert f"{ann_file}: {train_expected[0]}" in err and f"{val_file}: {val_expected[0]}" in err, err
+
 def test_malformed_geometry_is_reported_and_long_lists_are_capped(tmp_path):
     ann_file, img_dir = make_coco(tmp_path, num_images=1, instances=0)
     original = ann_file.read_text()
