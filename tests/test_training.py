@@ -172,48 +172,47 @@ def test_overfits_two_images_to_segm_ap50_above_0_9(sprites):
 
 
 # ------------------------------------------------------------------------------ mixed precision
-def test_bf16_autocast_training_step_is_finite_and_close_to_fp32():
+def autocast_losses(dtype: torch.dtype):
+    """A tiny model's losses on one batch with the network under CPU autocast in ``dtype``; checks
+    that it really ran in ``dtype`` and that the losses are fp32, finite and within 5% of fp32."""
     model = tiny_model().train()
     images, targets = make_batch()
     with torch.no_grad():
         reference = model.loss(model(images), targets)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = model(images)
-        assert out.kernels[0].dtype == torch.bfloat16  # the network really ran in bf16
+        assert out.kernels[0].dtype == dtype  # the network really ran in low precision
         losses = model.loss(out, targets)
     for k, v in losses.items():
         assert v.dtype == torch.float32 and torch.isfinite(v), k
         torch.testing.assert_close(v.detach(), reference[k], rtol=0.05, atol=0, msg=lambda m, k=k: f"{k}: {m}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sum(losses.values()).backward()
+    return model, images, losses
+
+
+def assert_finite_fp32_grads(model: torch.nn.Module) -> None:
     for n, p in model.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
     assert model.head.mask_head.projection.weight.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_training_step_is_finite_and_close_to_fp32():
+    model, _, losses = autocast_losses(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sum(losses.values()).backward()
+    assert_finite_fp32_grads(model)
     optimizer.step()
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
-
 
 
 def test_fp16_autocast_with_grad_scaler_step_on_cpu():
     """What Lightning's 16-mixed does on a GPU (fp16 autocast + GradScaler), run on the CPU: the
     network in fp16, the losses in fp32, scaled gradients unscaled before the step, predict in fp16."""
-    model = tiny_model().train()
-    images, targets = make_batch()
-    with torch.no_grad():
-        reference = model.loss(model(images), targets)
+    model, images, losses = autocast_losses(torch.float16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    with torch.autocast("cpu", dtype=torch.float16):
-        out = model(images)
-        assert out.kernels[0].dtype == torch.float16  # the network really ran in fp16
-        losses = model.loss(out, targets)
-    for k, v in losses.items():
-        assert v.dtype == torch.float32 and torch.isfinite(v), k
-        torch.testing.assert_close(v.detach(), reference[k], rtol=0.05, atol=0, msg=lambda m, k=k: f"{k}: {m}")
     scaler.scale(sum(losses.values())).backward()
     scaler.unscale_(optimizer)
-    for n, p in model.named_parameters():
-        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
+    assert_finite_fp32_grads(model)
     scaler.step(optimizer)
     scaler.update()
     assert scaler.get_scale() == 2.0**12  # no inf/nan found: the step was taken, the scale kept
@@ -221,6 +220,7 @@ def test_fp16_autocast_with_grad_scaler_step_on_cpu():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         preds = model.eval().predict(images)
     assert all(p["scores"].dtype == torch.float32 and p["masks"].dtype == torch.bool for p in preds)
+
 
 def test_bf16_mixed_trainer_fits_two_steps_on_cpu(sprites):
     dm = sprite_data(sprites, batch_size=1, img_size=64)  # 2 images, batch 1: two training steps
