@@ -7,6 +7,8 @@ from rtmdet import build_model
 from rtmdet.criterion import RTMDetInsCriterion
 from rtmdet.model import RawOutputs
 
+from ._targets import ellipse_targets
+
 SIZE = 96
 C = 5
 
@@ -18,19 +20,7 @@ def model():
 
 
 def make_targets(counts, seed=0, size=SIZE):
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    targets = []
-    for n in counts:
-        wh = torch.rand(n, 2, generator=g) * size * 0.5 + 6
-        xy = torch.rand(n, 2, generator=g) * (size - wh)
-        boxes = torch.cat([xy, xy + wh], 1)
-        c, r = (boxes[:, :2] + boxes[:, 2:]) / 2, wh / 2
-        u = (xx - c[:, 0, None, None]) / r[:, 0, None, None]
-        v = (yy - c[:, 1, None, None]) / r[:, 1, None, None]
-        masks = u**2 + v**2 <= 1  # (n, size, size) ellipse in the box
-        targets.append({"boxes": boxes, "labels": torch.randint(0, C, (n,), generator=g), "masks": masks})
-    return targets
+    return ellipse_targets(counts, seed, size, C)
 
 
 def images(batch=2, seed=1):

@@ -16,40 +16,20 @@ from rtmdet import build_model, load_mmdet_checkpoint  # noqa: E402
 from rtmdet.assigner import DynamicSoftLabelAssigner, mask_centers  # noqa: E402
 from rtmdet.priors import distance2bbox, grid_priors  # noqa: E402
 
+from ._targets import ellipse_targets  # noqa: E402
 from .mmdet_reference import build_mmdet_model, randomize  # noqa: E402  (installs the mmcv._ext stand-in first)
 
 from mmdet.models.task_modules.assigners import DynamicSoftLabelAssigner as RefAssigner  # noqa: E402, I001
 from mmdet.structures.mask import BitmapMasks  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("two_threads")]
 SIZE = 320
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(prev)
 
 
 def make_targets(counts, seed, size=SIZE, num_classes=80):
     """Per image: random boxes (some smaller than a stride) with elliptical masks inside them."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    targets = []
-    for n in counts:
-        wh = torch.rand(n, 2, generator=g) * size * 0.45 + 3
-        xy = torch.rand(n, 2, generator=g) * (size - wh)
-        boxes = torch.cat([xy, xy + wh], 1)
-        c, r = (boxes[:, :2] + boxes[:, 2:]) / 2, wh / 2
-        u = (xx - c[:, 0, None, None]) / r[:, 0, None, None]
-        v = (yy - c[:, 1, None, None]) / r[:, 1, None, None]
-        masks = u**2 + v**2 <= 1  # (n, size, size) ellipse in the box
-        masks[torch.arange(n), c[:, 1].long(), c[:, 0].long()] = True  # never empty
-        targets.append({"boxes": boxes, "labels": torch.randint(0, num_classes, (n,), generator=g), "masks": masks})
-    return targets
+    return ellipse_targets(counts, seed, size, num_classes, max_frac=0.45, min_wh=3.0, never_empty=True)
 
 
 def to_mmdet(targets):

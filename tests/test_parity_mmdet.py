@@ -15,15 +15,7 @@ from rtmdet.box_ops import box_iou  # noqa: E402
 
 from .mmdet_reference import build_mmdet_model, randomize  # noqa: E402
 
-pytestmark = pytest.mark.parity
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("two_threads")]
 
 
 def _pair(size: str, seed: int = 0):
