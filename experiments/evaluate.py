@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from datamodules import CocoAnnotations, CocoDataset, DatasetError, collate, val_pipeline
 from datamodules.coco import problems_message
-from experiments.errors import cli_error_message
+from experiments.errors import check_img_size, cli_error_message
 from rtmdet import SIZES, CheckpointError, normalize
 from rtmdet.coco_eval import COCOMetric
 from rtmdet.inference import load_checkpoint
@@ -108,8 +108,7 @@ def format_table(stats: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.img_size is not None and (args.img_size <= 0 or args.img_size % 32):
-        parser.error(f"--data.img_size must be a positive multiple of 32, got {args.img_size}")
+    check_img_size(parser, args.img_size, "--data.img_size")
     try:
         payload = evaluate(args)
     except (CheckpointError, DatasetError) as e:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from experiments.errors import check_img_size
 from rtmdet import SIZES, CheckpointError, RTMDetIns
 from rtmdet.inference import load_checkpoint
 from rtmdet.priors import flatten_levels
@@ -136,8 +137,7 @@ def export(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.img_size is not None and (args.img_size <= 0 or args.img_size % 32):
-        parser.error(f"--img-size must be a positive multiple of 32, got {args.img_size}")
+    check_img_size(parser, args.img_size, "--img-size")
     if args.opset < 17:
         parser.error(f"--opset must be >= 17, got {args.opset}")
     try:

@@ -33,6 +33,7 @@ from PIL import Image, ImageOps
 
 from datamodules import DatasetError, load_image
 from rtmdet import SIZES, CheckpointError, preprocess
+from experiments.errors import check_img_size
 from experiments.visualize import draw_overlay
 from rtmdet.inference import coco_results, cutout, load_checkpoint
 
@@ -156,8 +157,7 @@ def _save_image(image_id: int, path: Path, image: np.ndarray, pred: dict, stem: 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.img_size is not None and (args.img_size <= 0 or args.img_size % 32):
-        parser.error(f"--img-size must be a positive multiple of 32, got {args.img_size}")
+    check_img_size(parser, args.img_size, "--img-size")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     start = time.time()

@@ -66,14 +66,18 @@ def render_panel(image: np.ndarray, target: dict, pred: dict, names: list[str]) 
     ``target``/``pred`` in input pixels: boxes (N, 4), labels (N,), masks (N, H, W) bool; ``pred``
     also has scores. Tensors or arrays.
     """
-    as_np = lambda d: {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in d.items()}  # noqa: E731
-    gt = {k: v for k, v in as_np(target).items() if k in ("boxes", "labels", "masks")}
-    left, right = draw_overlay(image, gt, names), draw_overlay(image, as_np(pred), names)
+    gt = {k: _numpy(target[k]) for k in ("boxes", "labels", "masks")}
+    left = draw_overlay(image, gt, names)
+    right = draw_overlay(image, {k: _numpy(v) for k, v in pred.items()}, names)
     gap = 4
     panel = Image.new("RGB", (left.width + gap + right.width, left.height), (255, 255, 255))
     panel.paste(left, (0, 0))
     panel.paste(right, (left.width + gap, 0))
     return panel
+
+
+def _numpy(x):
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
 
 
 class ValidationImagePanel(L.Callback):

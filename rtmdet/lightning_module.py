@@ -89,7 +89,7 @@ class RTMDetInsModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int):
         images, targets = batch
         images = images.contiguous(memory_format=self.memory_format)
-        self._batch_info = _describe_batch(images, targets)  # for an out-of-memory error, here or in backward
+        self._batch = (images.shape, targets)  # named by an out-of-memory error, here or in backward
         bn_stats = self._bn_running_stats()
         bn_backup = torch._foreach_mul(bn_stats, 1.0)  # one fused copy; restored if the step is skipped
         with self._name_batch_on_oom():
@@ -223,13 +223,13 @@ class RTMDetInsModule(L.LightningModule):
                 raise
             original = (msg.strip().splitlines() or [type(e).__name__])[0]
             error = torch.OutOfMemoryError if isinstance(e, torch.OutOfMemoryError) else RuntimeError
-            raise error(f"out of memory at training step {self.global_step} on {self._batch_info}; lower "
+            raise error(f"out of memory at training step {self.global_step} on {_describe_batch(*self._batch)}; lower "
                         f"--data.batch_size or --data.img_size, or check those images' annotations. "
                         f"{original}") from e
 
 
-def _describe_batch(images: torch.Tensor, targets: list[dict]) -> str:
+def _describe_batch(shape: torch.Size, targets: list[dict]) -> str:
     """'batch (B, 3, H, W), image ids [...], instances [...]' (ids and counts in batch order)."""
     ids = [t.get("image_id") for t in targets]
     counts = [len(t["labels"]) if "labels" in t else None for t in targets]
-    return f"batch {tuple(images.shape)}, image ids {ids}, instances {counts}"
+    return f"batch {tuple(shape)}, image ids {ids}, instances {counts}"

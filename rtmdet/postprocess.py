@@ -91,8 +91,8 @@ class InstancePostProcess(nn.Module):
         img_idx = torch.zeros_like(prior_idx)
         logits = dynamic_mask_logits(protos[None], params, points[prior_idx], point_strides[prior_idx], img_idx,
                                      proto_stride)  # (N, h, w)
-        frame = None if meta is None else {"orig_size": _orig_size(meta), "scale_factor": _scale_factor(meta)}
-        ry, rx = _cached_resize(tuple(protos.shape[-2:]), proto_stride, (int(H), int(W)), _freeze(frame), protos.device)
+        frame = None if meta is None else (_orig_size(meta), _scale_factor(meta))  # hashable, for the cache
+        ry, rx = _cached_resize(tuple(protos.shape[-2:]), proto_stride, (int(H), int(W)), frame, protos.device)
         masks = paste_masks(logits.float(), ry, rx, _logit(self.mask_thr))
         return {"boxes": boxes, "scores": scores.float(), "labels": labels, "masks": masks}
 
@@ -119,9 +119,7 @@ def _cached_priors(sizes: tuple, strides: tuple, device: torch.device):
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_resize(feat_size: tuple, stride: int, input_size: tuple, frame, device: torch.device):
-    return resize_matrices(feat_size, stride, input_size, None if frame is None else dict(frame), device)
-
-
-def _freeze(meta: dict | None):
-    return None if meta is None else tuple(sorted(meta.items()))
+def _cached_resize(feat_size: tuple, stride: int, input_size: tuple, frame: tuple | None, device: torch.device):
+    """frame: None (input pixels) or (orig_size, scale_factor) of the image."""
+    meta = None if frame is None else {"orig_size": frame[0], "scale_factor": frame[1]}
+    return resize_matrices(feat_size, stride, input_size, meta, device)
