@@ -272,3 +272,17 @@ def test_export_torch_program(ws, tmp_path):
         expected = export.ExportWrapper(ws["model"])(images)
     for out, ref in zip(outputs, expected):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("evaluate", ["--ckpt", "x.ckpt", "--data.img_size", "100"]),
+    ("predict", ["--ckpt", "x.ckpt", "--input", "in", "--output", "out", "--img-size", "100"]),
+    ("export", ["--ckpt", "x.ckpt", "--output", "m.onnx", "--img-size", "-32"]),
+])
+def test_input_size_must_be_a_positive_multiple_of_32(tool, args, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"experiments.{tool}").main(args)
+    assert exit_info.value.code == 2
+    assert "must be a positive multiple of 32, got" in capsys.readouterr().err
