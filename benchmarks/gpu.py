@@ -1,6 +1,6 @@
 """GPU figures in one run: training throughput, host synchronisations, predict latency.
 
-    python -m benchmarks.gpu                          # on a CUDA machine: tiny, batch 32 at 640 (minutes)
+    python -m benchmarks.gpu                          # on a CUDA machine: tiny, batch 32 at 640
     python -m benchmarks.gpu --device cpu --quick     # smoke test of this code (CI); not a measurement
 
 Prints one JSON object, the source of the README's GPU section:
