@@ -11,10 +11,10 @@ Prints one JSON object, the source of the README's GPU section:
   (autocast to bfloat16 around forward and loss, fp32 weights; our losses compute in fp32),
   ``32-true`` plain fp32. ``images_per_s`` is the batch times the steps over their total time
   (steps queued back to back, one synchronisation at the end), with the peak memory.
-* ``host_syncs``: the host synchronisations of one bf16 training step as
-  ``torch.cuda.set_sync_debug_mode("warn")`` reports them, per phase (forward, loss, backward,
-  optimiser), each with the line that caused it; the LightningModule adds one more, its
-  non-finite loss check. CUDA only (``null`` elsewhere).
+* ``host_syncs``: the host synchronisations of one bf16 training step (``bf16-mixed`` must be
+  among the precisions) as ``torch.cuda.set_sync_debug_mode("warn")`` reports them, per phase
+  (forward, loss, backward, optimiser), each with the line that caused it; the LightningModule
+  adds one more, its non-finite loss check. CUDA only (``null`` elsewhere).
 * ``predict``: ``model.predict`` latency, batch 1 at 640 with 100 detections whose masks are pasted
   at 640 x 640 (the head randomised as in ``benchmarks/latency.py``), for fp32, fused BN and fused
   BN under bf16 autocast; and the forward's throughput at the training batch.
@@ -113,44 +113,41 @@ class TrainStep:
         with autocast(self.device, self.dtype):  # Lightning's autocast covers training_step: the loss too
             return sum(self.model.loss(outputs, self.targets).values())
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
     def optimize(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def __call__(self) -> torch.Tensor:
         loss = self.loss(self.forward())
-        self.backward(loss)
+        loss.backward()
         self.optimize()
         return loss.detach()
 
 
-def measure_training(args, device: torch.device) -> dict:
-    out = {}
+def measure_training(args, device: torch.device) -> tuple[dict, dict[str, TrainStep]]:
+    """Per precision: the timings, and the (warm) step itself for the sync report."""
+    out, steps = {}, {}
     for name in args.precisions:
-        step = TrainStep(args.size, args.batch, args.img_size, args.instances, device, PRECISIONS[name])
+        step = steps[name] = TrainStep(args.size, args.batch, args.img_size, args.instances, device,
+                                       PRECISIONS[name])
         first_loss = float(step())
         reset_peak_memory(device)
         seconds = time_back_to_back(step, device, args.warmup, args.iters)
         out[name] = {"step_ms": round(seconds * 1e3, 2), "images_per_s": round(args.batch / seconds, 1),
                      "first_loss": round(first_loss, 4), **peak_memory_mb(device)}
-    return out
+    return out, steps
 
 
-def count_host_syncs(args, device: torch.device) -> dict | None:
-    """Synchronisations of one bf16-mixed training step, per phase, with the line causing each."""
-    if device.type != "cuda":
+def count_host_syncs(step: TrainStep | None) -> dict | None:
+    """Synchronisations of one training step (already warm), per phase, with the line causing each."""
+    if step is None or step.device.type != "cuda":
         return None
-    step = TrainStep(args.size, args.batch, args.img_size, args.instances, device, torch.bfloat16)
-    step()  # warm: lazy initialisations (cuBLAS handles, caches) are not the step's
-    synchronize(device)
+    synchronize(step.device)
     state: dict = {}
     run_phase = {
         "forward": lambda: state.update(outputs=step.forward()),
         "loss": lambda: state.update(loss=step.loss(state["outputs"])),
-        "backward": lambda: step.backward(state["loss"]),
+        "backward": lambda: state["loss"].backward(),
         "optimizer": step.optimize,
     }
     phases: dict[str, list[str]] = {}
@@ -165,7 +162,7 @@ def count_host_syncs(args, device: torch.device) -> dict | None:
                                  if "synchroniz" in str(w.message)]
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    synchronize(device)
+    synchronize(step.device)
     return {"total": sum(len(v) for v in phases.values()), "per_phase": phases}
 
 
@@ -233,7 +230,8 @@ def run(argv: list[str] | None = None) -> dict:
               "quick": args.quick}
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-    return {**header, "train": measure_training(args, device), "host_syncs": count_host_syncs(args, device),
+    train, steps = measure_training(args, device)
+    return {**header, "train": train, "host_syncs": count_host_syncs(steps.get("bf16-mixed")),
             "predict": measure_predict(args, device)}
 
 

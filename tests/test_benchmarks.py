@@ -75,6 +75,9 @@ def test_gpu_benchmark_code_runs_on_cpu():
     assert set(out["train"]) == {"bf16-mixed", "32-true"}
     for r in out["train"].values():
         assert r["images_per_s"] > 0 and math.isfinite(r["first_loss"]) and r["peak_memory_mb"] > 0
+    # Same weights and batch: bf16 autocast changes the first loss by rounding only (and does change it).
+    bf16, fp32 = out["train"]["bf16-mixed"]["first_loss"], out["train"]["32-true"]["first_loss"]
+    assert bf16 != fp32 and abs(bf16 - fp32) < 0.05 * fp32
     assert out["host_syncs"] is None  # set_sync_debug_mode is CUDA's
     for name in ("fp32", "fused", "fused+bf16"):
         assert out["predict"][name]["detections"] == 100, out["predict"][name]
