@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from rtmdet import build_model
+from rtmdet import InstancePostProcess, build_model
 from rtmdet.preprocess import ImageMeta
 
 
@@ -76,13 +76,14 @@ def measure(size: str, img_size: int, warmup: int, iters: int, channels_last: bo
     # The original image letterboxed into the input: boxes and masks come back at its size.
     (oh, ow), s = orig, min(img_size / orig[0], img_size / orig[1])
     metas = [ImageMeta((oh, ow), (round(ow * s) / ow, round(oh * s) / oh), (img_size, img_size))]
+    post = InstancePostProcess(strides=model.strides)
     with torch.no_grad():
         out = model(x)
-        res = model.postprocess(out, x.shape[-2:], model.strides, metas)[0]
+        res = post(out, metas)[0]
         dets, mask_fraction = len(res["scores"]), res["masks"].float().mean().item()
         forward_ms = timeit(lambda: model(x), warmup, iters)
-        post_ms = timeit(lambda: model.postprocess(out, x.shape[-2:], model.strides, metas), warmup, iters)
-        predict_ms = timeit(lambda: model.predict(x, metas), warmup, iters)
+        post_ms = timeit(lambda: post(out, metas), warmup, iters)
+        predict_ms = timeit(lambda: model.predict(x, metas, post), warmup, iters)
     result = {
         "forward_ms": round(forward_ms, 2),
         "postprocess_ms": round(post_ms, 2),

@@ -7,7 +7,8 @@ Batch format: ``(images, targets)`` as ``training_step`` / ``validation_step`` r
 * ``targets``: one dict per image: ``boxes`` (N, 4) float32 xyxy input pixels, ``labels`` (N,)
   int64 in [0, C), ``masks`` (N, S, S) bool, ``ignore_boxes`` (M, 4) float32 xyxy crowd regions
   (never targets), ``image_id`` int (COCO id), ``orig_size`` (h, w) and ``scale_factor``
-  (w_scale, h_scale) with original = input / scale_factor (exact for validation's letterbox).
+  (w_scale, h_scale) with original = input / scale_factor (exact for validation's letterbox), and
+  the same as one ``meta``: :class:`rtmdet.preprocess.ImageMeta`, what the postprocess takes.
 
 Where the work happens: the dataloader workers run the transforms and :func:`collate`, which
 yields uint8 RGB images and the masks still as compact crops (:class:`InstanceMasks`), so that
@@ -34,7 +35,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from rtmdet.preprocess import normalize
+from rtmdet.preprocess import ImageMeta, normalize
 
 from .coco import CocoAnnotations, load_sample, problems_message
 from .errors import DatasetError
@@ -152,6 +153,8 @@ def collate(samples: list[dict]) -> tuple[torch.Tensor, list[dict]]:
             "image_id": int(s["image_id"]),
             "orig_size": tuple(int(v) for v in s["orig_size"]),
             "scale_factor": tuple(float(v) for v in s["scale_factor"]),
+            "meta": ImageMeta(tuple(int(v) for v in s["orig_size"]), tuple(float(v) for v in s["scale_factor"]),
+                              (h, w), int(s["image_id"])),  # what the postprocess maps back with
         })
     return images, targets
 

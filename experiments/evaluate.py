@@ -28,7 +28,7 @@ from datamodules.coco import problems_message
 from experiments.errors import check_img_size, cli_error_message
 from rtmdet import SIZES, CheckpointError, normalize
 from rtmdet.coco_eval import COCOMetric
-from rtmdet.inference import load_checkpoint
+from rtmdet.checkpoint import load_checkpoint
 
 TABLE_STATS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
 
@@ -62,6 +62,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         args.ann_file, args.img_dir = paths["val_ann_file"], paths["val_img_dir"]
     loaded = load_checkpoint(args.ckpt, args.size, device=args.device)
     model = loaded.model
+    postprocess = loaded.postprocess(mask_format="crops")  # no (N, H, W) stack of the original size
     img_size = args.img_size or loaded.img_size or 640
     nearest = args.nearest if args.nearest is not None else bool(loaded.nearest_resize)
     annotations = CocoAnnotations(args.ann_file, args.img_dir)
@@ -80,8 +81,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                         num_workers=args.num_workers, collate_fn=collate)
     metric = COCOMetric(args.ann_file, [categories.label_to_cat_id[i] for i in range(categories.num_classes)])
     with torch.inference_mode():
-        for images, targets in loader:  # targets: only image_id, orig_size, scale_factor are used
-            preds = model.predict(normalize(images.to(args.device)), targets)  # original-image pixels
+        for images, targets in loader:  # targets: only image_id and meta are used
+            preds = postprocess(model(normalize(images.to(args.device))), [t["meta"] for t in targets])
             metric.update(preds, [t["image_id"] for t in targets])
     stats = metric.compute()
     output = Path(args.output)

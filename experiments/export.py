@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from experiments.errors import check_img_size
 from rtmdet import SIZES, CheckpointError, RTMDetIns
-from rtmdet.inference import load_checkpoint
+from rtmdet.checkpoint import load_checkpoint
 from rtmdet.priors import flatten_levels
 
 OUTPUT_NAMES = ("cls_logits", "box_dists", "kernels", "mask_protos")

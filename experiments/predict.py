@@ -35,7 +35,8 @@ from datamodules import DatasetError, load_image
 from rtmdet import SIZES, CheckpointError, preprocess
 from experiments.errors import check_img_size
 from experiments.visualize import draw_overlay
-from rtmdet.inference import coco_results, cutout, load_checkpoint
+from rtmdet.checkpoint import load_checkpoint
+from rtmdet.inference import coco_results, cutouts
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -90,7 +91,8 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]
         model.fuse()
     if args.compile:
         model.compile()
-    model.postprocess.score_thr = args.score_thr  # a threshold commutes with NMS: filter before it
+    # A threshold commutes with NMS: filter before it. Masks as crops: no (N, H, W) original-size stack.
+    postprocess = loaded.postprocess(score_thr=args.score_thr, mask_format="crops")
     img_size = args.img_size or loaded.img_size or 640
     nearest = args.nearest if args.nearest is not None else bool(loaded.nearest_resize)
     names = list(loaded.class_names or [f"class{i}" for i in range(model.num_classes)])
@@ -104,7 +106,7 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]
         nonlocal done
         images, metas = preprocess([im for _, _, im in batch], img_size, nearest)
         with torch.inference_mode():
-            preds = model.predict(images.to(args.device), metas)
+            preds = postprocess(model(images.to(args.device)), metas)
         for (image_id, path, image), pred in zip(batch, preds):
             results.extend(_save_image(image_id, path, image, pred, stems[path], names, out_dir))
             done += 1
@@ -136,16 +138,16 @@ def _save_image(image_id: int, path: Path, image: np.ndarray, pred: dict, stem: 
                 out_dir: Path) -> list[dict]:
     """Overlay and cut-outs of one image; returns its results entries."""
     entries = coco_results(pred, image_id)
-    pred = {k: v.cpu().numpy() for k, v in pred.items()}
+    pred = {k: v.cpu() if k == "masks" else v.cpu().numpy() for k, v in pred.items()}
     draw_overlay(image, pred, names).save(out_dir / "overlays" / f"{stem}.png")
     source = image
     if len(entries):
         rgba = read_rgba(path)
         source = rgba if rgba is not None and rgba.shape[:2] == image.shape[:2] else image
-    for k, entry in enumerate(entries):
+    cuts = cutouts(source, pred["masks"]) if entries else []
+    for k, (entry, cut) in enumerate(zip(entries, cuts)):
         label = int(pred["labels"][k])
         entry.update(file_name=path.name, category_name=names[label], cutout=None)
-        cut = cutout(source, pred["masks"][k])
         if cut is not None:
             rel = Path("cutouts") / stem / f"{stem}_{k:03d}_{_slug(names[label])}.png"
             (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)

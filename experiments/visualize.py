@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image, ImageDraw
 
+from rtmdet.crop_masks import CropMasks
+from rtmdet.postprocess import InstancePostProcess
 from rtmdet.preprocess import MEAN_BGR, STD_BGR
 
 
@@ -26,15 +28,20 @@ def class_colour(label: int) -> tuple[int, int, int]:
 
 
 def draw_overlay(image: np.ndarray, pred: dict, names: list[str]) -> Image.Image:
-    """image: (H, W, 3) uint8 RGB; pred: numpy boxes (N, 4) xyxy, labels (N,), masks (N, H, W) bool,
-    and optionally scores (N,) (ground truth has none: labels are drawn without a score)."""
+    """image: (H, W, 3) uint8 RGB; pred: numpy boxes (N, 4) xyxy, labels (N,), masks (N, H, W) bool
+    or ``CropMasks``, and optionally scores (N,) (ground truth has none: labels are drawn without a score)."""
     scores = pred.get("scores")
     n = len(pred["labels"])
     out = image.astype(np.float32)
+    masks = pred["masks"]
     for k in reversed(range(n)):  # the best instance is painted last, on top
         colour = np.array(class_colour(int(pred["labels"][k])), np.float32)
-        m = pred["masks"][k]
-        out[m] = 0.5 * out[m] + 0.5 * colour
+        if isinstance(masks, CropMasks):
+            m, (x0, y0, x1, y1) = masks.mask(k)
+            region = out[y0:y1, x0:x1]
+        else:
+            m, region = masks[k], out
+        region[m] = 0.5 * region[m] + 0.5 * colour
     im = Image.fromarray(out.round().astype(np.uint8))
     draw = ImageDraw.Draw(im)
     width = max(1, round(min(image.shape[:2]) / 300))
@@ -105,13 +112,10 @@ class ValidationImagePanel(L.Callback):
             return
         images, targets = batch
         k = min(self.num_images - len(self._panels), len(targets))
-        model = pl_module.model
-        post = model.postprocess
-        saved_thr, post.score_thr = post.score_thr, max(post.score_thr, self.score_thr)
-        try:
-            preds = model.predict(images[:k])  # input pixels
-        finally:
-            post.score_thr = saved_thr
+        model, settings = pl_module.model, pl_module.postprocess.settings()
+        post = InstancePostProcess(**{**settings, "score_thr": max(settings["score_thr"], self.score_thr)},
+                                   strides=model.strides)
+        preds = post(pl_module(images[:k]))  # input pixels
         names = list(getattr(trainer.datamodule, "class_names", None) or []) if trainer.datamodule else []
         names = names or [str(i) for i in range(model.num_classes)]
         for img, t, p in zip(denormalize(images[:k]), targets[:k], preds):

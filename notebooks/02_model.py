@@ -173,18 +173,19 @@ dm.setup("validate")
 sample = dm.val_dataset[3]  # letterboxed validation sample: image (256, 256, 3) uint8, boxes, masks, ...
 images, targets = finalize_batch(collate([sample]))  # (1, 3, 256, 256) normalised, dense target masks
 torch.manual_seed(0)
-model = rtmdet.build_model("tiny", num_classes=dm.num_classes).train()  # the 8 sprite classes
+model, criterion, _ = rtmdet.build("tiny", num_classes=dm.num_classes)  # the 8 sprite classes, side by side
+model.train()
 with torch.no_grad():
     outputs = model(images)
-    losses = model.loss(outputs, targets)  # what a training step back-propagates (weighted)
+    losses = criterion(outputs, targets)  # what a training step back-propagates (weighted)
     # The loss's own steps up to the assignment (rtmdet/criterion.py, RTMDetInsCriterion.forward):
     cls_logits = flatten_levels(outputs.cls_logits)  # (1, P, C)
     sizes = [tuple(x.shape[-2:]) for x in outputs.cls_logits]
     points, point_strides = grid_priors(sizes, model.strides)  # (P, 2), (P,)
     pred_boxes = distance2bbox(points, flatten_levels(outputs.box_dists))  # (1, P, 4) xyxy
-    gt = model.criterion.prepare_targets(targets, outputs.mask_protos)  # padded boxes, labels, mask centres
-    assignment = model.criterion.assigner(pred_boxes, cls_logits, points, point_strides,
-                                          gt.boxes, gt.labels, gt.centers, gt.valid)
+    gt = criterion.prepare_targets(targets, outputs.mask_protos)  # padded boxes, labels, mask centres
+    assignment = criterion.assigner(pred_boxes, cls_logits, points, point_strides,
+                                    gt.boxes, gt.labels, gt.centers, gt.valid)
 print({k: round(v.item(), 3) for k, v in losses.items()})
 
 pos = assignment.pos_mask[0]  # (P,) bool

@@ -42,7 +42,8 @@ import rtmdet
 from datamodules import COCODataModule, PipelineSwitch, load_image, load_sample
 from experiments.predict import main as predict_cli
 from experiments.visualize import draw_overlay  # the overlay that experiments.predict writes
-from rtmdet.inference import cutout, load_checkpoint
+from rtmdet.checkpoint import load_checkpoint
+from rtmdet.inference import cutout
 from rtmdet.lightning_module import RTMDetInsModule
 
 REPO = Path(rtmdet.__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ model, names = loaded.model, list(loaded.class_names)
 img_size = loaded.img_size or 640
 nearest = bool(loaded.nearest_resize)
 print(f"{loaded.format} checkpoint: RTMDet-Ins-{model.size}, {model.num_classes} classes {names}")
-print(f"input {img_size} x {img_size}, {'nearest' if nearest else 'bilinear'} resize; postprocess: {model.postprocess}")
+print(f"input {img_size} x {img_size}, {'nearest' if nearest else 'bilinear'} resize; test settings: {loaded.test_settings}")
 
 # %% [markdown]
 # ## Predict
@@ -110,9 +111,11 @@ val = COCODataModule(num_workers=0).val_annotations  # the sprite validation spl
 records = val.records[:3]
 originals = [load_image(r.path) for r in records]  # (H, W, 3) uint8 RGB
 
-model.postprocess.score_thr = SCORE_THR  # a threshold before NMS gives the same result as after it
+# The checkpoint's test-time settings with our threshold (a threshold before NMS gives the same
+# result as after it); a postprocess is built, never changed afterwards.
+postprocess = loaded.postprocess(score_thr=SCORE_THR)
 images, metas = rtmdet.preprocess(originals, size=img_size, nearest=nearest)
-preds = model.predict(images, metas)
+preds = model.predict(images, metas, postprocess)
 preds = [{k: v.numpy() for k, v in p.items()} for p in preds]
 
 fig, axes = plt.subplots(len(records), 2, figsize=(7, 3.4 * len(records)))
@@ -173,7 +176,7 @@ print(f"{len(files)} files:", files[:5], "...")
 #
 # The three stages of `model.predict`, timed separately (median of a few runs, one image, this
 # machine's CPU threads): letterbox + normalise, the network (`model(images)`, raw outputs), and the
-# postprocessing (`model.postprocess`: score threshold and top-k per level, box decoding, NMS,
+# postprocessing (`postprocess`, an `InstancePostProcess`: score threshold and top-k per level, box decoding, NMS,
 # dynamic masks, pasting them at the original size). At the checkpoint's input size and at 640,
 # the COCO size, where the same 256 x 256 image is upscaled 2.5x.
 
@@ -198,7 +201,7 @@ with torch.inference_mode():
         timings[size] = {
             "preprocess": median_ms(lambda: rtmdet.preprocess(image, size=size, nearest=nearest)),
             "forward": median_ms(lambda: model(x)),
-            "postprocess": median_ms(lambda: model.postprocess(outputs, x.shape[-2:], model.strides, m)),
+            "postprocess": median_ms(lambda: postprocess(outputs, m)),
         }
 print(f"{'input':>7} {'preprocess':>11} {'forward':>9} {'postprocess':>12}   (ms, {torch.get_num_threads()} threads)")
 for size, t in timings.items():

@@ -1,20 +1,29 @@
 """RTMDet-Ins real-time instance segmentation in plain PyTorch."""
 
-from .checkpoint import CheckpointError, load_mmdet_checkpoint, to_mmdet_state_dict
-from .model import SIZES, RawOutputs, RTMDetIns, build_model, count_parameters
+from .build import build
+from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, load_mmdet_checkpoint, to_mmdet_state_dict
+from .criterion import RTMDetInsCriterion
+from .crop_masks import CropMasks
+from .model import SIZES, RTMDetIns, build_model, count_parameters
+from .outputs import RawOutputs
 from .postprocess import InstancePostProcess
 from .preprocess import ImageMeta, letterbox, normalize, preprocess
 
 __all__ = [
     "SIZES",
     "CheckpointError",
+    "CropMasks",
     "ImageMeta",
     "InstancePostProcess",
+    "LoadedCheckpoint",
     "RTMDetIns",
+    "RTMDetInsCriterion",
     "RawOutputs",
+    "build",
     "build_model",
     "count_parameters",
     "letterbox",
+    "load_checkpoint",
     "load_mmdet_checkpoint",
     "normalize",
     "preprocess",

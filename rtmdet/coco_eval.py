@@ -24,6 +24,8 @@ from pycocotools.cocoeval import COCOeval
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from .crop_masks import CropMasks
+
 # COCOeval.stats[0..11], in order.
 STAT_NAMES = (
     "mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l",
@@ -141,18 +143,20 @@ class COCOMetric(Metric):
             self.rle_bytes.append(torch.from_numpy(joined).to(dev))
             self.rle_meta.append(torch.tensor(meta, dtype=torch.int64, device=dev).reshape(-1, 3))
 
-    def _encode_masks(self, masks: torch.Tensor | None, n: int, img_id: int) -> list[dict]:
-        """(N, H, W) bool -> N compressed RLEs {size: [H, W], counts: bytes}."""
+    def _encode_masks(self, masks: torch.Tensor | CropMasks | None, n: int, img_id: int) -> list[dict]:
+        """(N, H, W) bool or CropMasks -> N compressed RLEs {size: [H, W], counts: bytes}."""
         if n == 0:
             return []
         h, w = self._img_hw[img_id]
         if masks is None:
             raise ValueError(f"image {img_id}: iou_types has 'segm' but the prediction has no masks")
-        if masks.ndim != 3 or masks.shape[0] != n or tuple(masks.shape[1:]) != (h, w):
+        if len(masks.shape) != 3 or masks.shape[0] != n or tuple(masks.shape[1:]) != (h, w):
             raise ValueError(
                 f"image {img_id}: masks have shape {tuple(masks.shape)}, expected ({n}, {h}, {w}): "
                 f"one mask per box at the original image size (height, width) of the ground truth"
             )
+        if isinstance(masks, CropMasks):
+            return masks.to_rle()
         # (N, W, H) C-contiguous viewed as (H, W, N) is the Fortran order that encode() wants.
         m = masks.detach().transpose(1, 2).contiguous().to(torch.uint8).cpu().numpy().transpose(2, 1, 0)
         return mask_util.encode(m)

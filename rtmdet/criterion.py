@@ -9,7 +9,7 @@ per image decides the mask-loss work).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -20,10 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from .assigner import Assignment, DynamicSoftLabelAssigner, mask_centers
 from .dynamic_mask import dynamic_mask_logits
 from .losses import dice_loss, giou_loss, quality_focal_loss
+from .outputs import RawOutputs
 from .priors import distance2bbox, flatten_levels, grid_priors
-
-if TYPE_CHECKING:
-    from .model import RawOutputs
 
 FLOAT_EPS = torch.finfo(torch.float32).eps  # mmdet adds it to every avg_factor
 
@@ -51,7 +49,7 @@ def reduce_mean(x: torch.Tensor) -> torch.Tensor:
 class RTMDetInsCriterion(nn.Module):
     """Losses of RTMDet-Ins from its raw outputs and per-image targets.
 
-    ``forward(outputs, targets)`` takes ``RawOutputs`` (see ``rtmdet.model``) and, per image, a dict
+    ``forward(outputs, targets)`` takes ``RawOutputs`` (``rtmdet.outputs``) and, per image, a dict
     with ``boxes`` (N, 4) float xyxy input pixels, ``labels`` (N,) int64 in [0, C) and ``masks``
     (N, H, W) bool at the padded input size. Crowd instances must already be removed (other keys,
     e.g. ``ignore_boxes``, are ignored, as mmdet's assigner ignores them). Returns fp32 scalars

@@ -1,6 +1,8 @@
-"""LightningModule: glue between ``RTMDetIns``, its loss, the official optimiser/schedule and COCO mAP.
+"""LightningModule: glue between ``RTMDetIns``, its criterion and postprocess, the official
+optimiser/schedule and COCO mAP.
 
-training_step = forward -> loss (assign + criterion) -> log; validation_step = predict -> COCOMetric.
+The three parts come from ``rtmdet.build`` side by side. training_step = forward -> criterion
+(assign + losses) -> log; validation_step = forward -> postprocess -> COCOMetric.
 Mixed precision, devices, DDP and SyncBN come from the Trainer; the EMA is the ``ExpMomentumEMA``
 callback (rtmdet/ema.py), so validation and checkpoints use the averaged weights.
 """
@@ -14,11 +16,10 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from .build import build
 from .checkpoint import load_mmdet_checkpoint
 from .coco_eval import COCOMetric
-from .model import RTMDetIns
 from .optim import build_optimizer
-from .postprocess import InstancePostProcess
 from .schedule import lr_factor, scaled_lr, warmup_steps_for
 
 
@@ -36,7 +37,10 @@ class RTMDetInsModule(L.LightningModule):
         pretrained: optional official mmdetection checkpoint (full model or ImageNet CSPNeXt backbone).
         allow_num_classes_mismatch: load ``pretrained`` even if its classifier has another class count.
         max_nonfinite_steps: consecutive non-finite losses tolerated (each skipped) before stopping.
-        score_thr, nms_pre, iou_thr, max_per_img, mask_thr: test-time postprocessing.
+        score_thr, nms_pre, iou_thr, max_per_img, mask_thr: test-time postprocessing (validation,
+            test, predict): the ``InstancePostProcess`` built beside the model.
+        mask_loss_stride: the mask loss compares masks at 1/``mask_loss_stride`` of the input
+            (official: 4; a smaller stride keeps small objects' shapes; see ``RTMDetInsCriterion``).
         compile: ``torch.compile`` the network's forward (training and inference; the backward follows).
             The first steps pay the compilation (about a minute on a CPU, once per mode); on a CPU
             the training step gains little (see ``python -m benchmarks.train_step --compile``).
@@ -65,13 +69,16 @@ class RTMDetInsModule(L.LightningModule):
         iou_thr: float = 0.6,
         max_per_img: int = 100,
         mask_thr: float = 0.5,
+        mask_loss_stride: int = 4,
         compile: bool = False,
         channels_last: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model = RTMDetIns(num_classes=num_classes, size=size)
-        self.model.postprocess = InstancePostProcess(score_thr, nms_pre, iou_thr, max_per_img, mask_thr)
+        self.model, self.criterion, self.postprocess = build(
+            size, num_classes, score_thr=score_thr, nms_pre=nms_pre, iou_thr=iou_thr, max_per_img=max_per_img,
+            mask_thr=mask_thr, mask_loss_stride=mask_loss_stride,
+        )
         if pretrained:
             report = load_mmdet_checkpoint(self.model, pretrained, allow_num_classes_mismatch)
             print(f"pretrained: {report}")
@@ -93,7 +100,7 @@ class RTMDetInsModule(L.LightningModule):
         bn_stats = self._bn_running_stats()
         bn_backup = torch._foreach_mul(bn_stats, 1.0)  # one fused copy; restored if the step is skipped
         with self._name_batch_on_oom():
-            losses = self.model.loss(self.model(images), targets)
+            losses = self.criterion(self.model(images), targets)
         loss = sum(losses.values())
         if not self._all_ranks_finite(loss):
             torch._foreach_copy_(bn_stats, bn_backup)  # a NaN batch must not poison the BN statistics
@@ -113,16 +120,18 @@ class RTMDetInsModule(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._evaluate_batch(batch)
 
+    @torch.no_grad()
     def predict_step(self, batch, batch_idx: int) -> list[dict]:
         images, targets = batch
-        preds = self.model.predict(images.contiguous(memory_format=self.memory_format), targets)
+        preds = self.postprocess(self(images), [t["meta"] for t in targets])  # original-image pixels
         for p, t in zip(preds, targets):
             p["image_id"] = t["image_id"]
         return preds
 
+    @torch.no_grad()
     def _evaluate_batch(self, batch) -> None:
         images, targets = batch
-        preds = self.model.predict(images.contiguous(memory_format=self.memory_format), targets)  # original-image pixels (orig_size, scale_factor)
+        preds = self.postprocess(self(images), [t["meta"] for t in targets])  # original-image pixels
         if self.val_metric is not None:
             self.val_metric.update(preds, [int(t["image_id"]) for t in targets])
 

@@ -1,7 +1,7 @@
 """Turn stride-8 mask logits into boolean masks at the input or original size, exactly and cheaply.
 
 The reference upsamples every mask logit map x8 (bilinear) to the padded input, resizes it again
-to ceil(input / scale) and crops to the original image (spec section 5, steps 8-10). Both resizes
+to ceil(input / scale) and crops to the original image (docs/architecture.md#test-time-postprocess, steps 8-10). Both resizes
 are separable linear maps, so the result for one instance is ``Ry @ L @ Rx.T`` with small
 (out, h) and (out, w) interpolation matrices. Bilinear weights are convex, so an output pixel can
 only exceed the threshold if one of the low-resolution logits in its support does: we evaluate
@@ -54,49 +54,63 @@ def resize_matrices(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column maps (Ho, h), (Wo, w) from stride-``stride`` logits to the output frame.
 
-    Without ``meta``: the padded input (H, W). With ``meta`` (orig_size (h, w), scale_factor
-    (w_scale, h_scale)): the original image, as the reference's rescale. The reference sizes the
-    height with the x scale and the width with the y scale (spec 5.9); we do the same. Where its
+    Without ``meta``: the padded input (H, W). With ``meta`` (an ``ImageMeta``: orig_size (h, w),
+    scale_factor (w_scale, h_scale)): the original image, as the reference's rescale. The reference sizes the
+    height with the x scale and the width with the y scale (docs/architecture.md#mask-rescale);
+    we do the same. Where its
     ceil-rounded size falls a pixel short of the original, the last row/column is repeated.
     """
     (h, w), (H, W) = feat_size, input_size
     ry = bilinear_matrix(H, h, 1.0 / stride, device)  # (H, h)
     rx = bilinear_matrix(W, w, 1.0 / stride, device)  # (W, w)
     if meta is not None:
-        (ori_h, ori_w), (w_scale, h_scale) = _orig_size(meta), _scale_factor(meta)
+        (ori_h, ori_w), (w_scale, h_scale) = meta.orig_size, meta.scale_factor
         h2, w2 = math.ceil(H / w_scale), math.ceil(W / h_scale)
         ry = _then_resize(ry, ori_h, H / h2)  # (ori_h, h)
         rx = _then_resize(rx, ori_w, W / w2)  # (ori_w, w)
     return ry.float(), rx.float()
 
 
-def _orig_size(meta) -> tuple[int, int]:
-    size = meta["orig_size"] if isinstance(meta, dict) else meta.orig_size
-    return int(size[0]), int(size[1])
-
-
-def _scale_factor(meta) -> tuple[float, float]:
-    sf = meta["scale_factor"] if isinstance(meta, dict) else meta.scale_factor
-    return float(sf[0]), float(sf[1])
-
-
 def paste_masks(logits: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """logits (N, h, w), ry (Ho, h), rx (Wo, w) -> bool masks (N, Ho, Wo) of (Ry L Rx^T) > threshold."""
     n, (ho, wo) = logits.shape[0], (ry.shape[0], rx.shape[0])
     masks = _lazy_zeros((n, ho, wo), logits.device)
-    if n == 0:
-        return masks
+    for k, (y0, y1, x0, x1), region in _regions(logits, ry, rx, threshold):
+        torch.gt(region, threshold, out=masks[k, y0:y1, x0:x1])
+    return masks
+
+
+def paste_mask_crops(logits: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor,
+                     threshold: float = 0.0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Like :func:`paste_masks`, but each mask only inside the output region it can reach.
+
+    Returns the crops [(y1 - y0, x1 - x0) bool] and their regions (N, 4) int64 (x0, y0, x1, y1),
+    end-exclusive, in the output frame; every pixel outside its region is False. Nothing of the
+    output frame's size is allocated, so memory grows with the instances' areas only.
+    """
+    n = logits.shape[0]
+    crops = [torch.zeros((0, 0), dtype=torch.bool, device=logits.device)] * n
+    regions = torch.zeros((n, 4), dtype=torch.int64)
+    for k, (y0, y1, x0, x1), region in _regions(logits, ry, rx, threshold):
+        crops[k] = region > threshold
+        regions[k] = torch.tensor([x0, y0, x1, y1])
+    return crops, regions.to(logits.device)
+
+
+def _regions(logits: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor, threshold: float):
+    """Yield (k, (y0, y1, x0, x1), logits of that output region) for every instance that can pass."""
+    if logits.shape[0] == 0:
+        return
     rows = _output_span(logits.amax(dim=2) > threshold, ry)  # (N, 4): low-res rows with a logit above
     cols = _output_span(logits.amax(dim=1) > threshold, rx)  # (N, 4): ... and columns
     logits, rx_t = logits.to(ry.dtype), rx.t()
     # Regions are ragged (one rectangle per instance), so each instance gets its own pair of small
-    # GEMMs over the low-res window its rows/cols depend on, thresholded straight into its mask.
-    # A padded batch costs O(N x largest region) plus the same per-instance copies; measured slower.
+    # GEMMs over the low-res window its rows/cols depend on. A padded batch costs
+    # O(N x largest region) plus the same per-instance copies; measured slower.
     for k, ((y0, y1, a0, a1), (x0, x1, b0, b1)) in enumerate(zip(rows.tolist(), cols.tolist())):
         if y1 > y0 and x1 > x0:
-            region = ry[y0:y1, a0:a1] @ (logits[k, a0:a1, b0:b1] @ rx_t[b0:b1, x0:x1])  # (y1-y0, x1-x0)
-            torch.gt(region, threshold, out=masks[k, y0:y1, x0:x1])
-    return masks
+            yield k, (y0, y1, x0, x1), ry[y0:y1, a0:a1] @ (logits[k, a0:a1, b0:b1] @ rx_t[b0:b1, x0:x1])
+
 
 def _lazy_zeros(shape: tuple[int, ...], device) -> torch.Tensor:
     """All-False bool tensor. On CPU it comes from calloc (numpy), whose zero pages the OS maps

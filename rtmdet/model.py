@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -13,7 +12,9 @@ from .criterion import RTMDetInsCriterion
 from .fuse import fuse_conv_bn
 from .head import RTMDetInsSepBNHead
 from .neck import CSPNeXtPAFPN
+from .outputs import RawOutputs
 from .postprocess import InstancePostProcess
+from .preprocess import ImageMeta
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class SizeConfig:
     neck_csp_blocks: int
 
 
-# Spec sections 1.3-1.4 (the official rtmdet-ins_{size} configs).
+# The official rtmdet-ins_{size} configs (docs/architecture.md#model-sizes).
 SIZES: dict[str, SizeConfig] = {
     "tiny": SizeConfig(0.167, 0.375, 96, 1),
     "s": SizeConfig(0.33, 0.5, 128, 1),
@@ -34,21 +35,15 @@ SIZES: dict[str, SizeConfig] = {
 }
 
 
-class RawOutputs(NamedTuple):
-    """What ``RTMDetIns.forward`` returns: per-level lists plus the stride-8 prototypes."""
-
-    cls_logits: list[torch.Tensor]  # (B, C, H_l, W_l) raw logits
-    box_dists: list[torch.Tensor]  # (B, 4, H_l, W_l) (l, t, r, b) in input pixels, ReLU(raw) * stride
-    kernels: list[torch.Tensor]  # (B, 169, H_l, W_l) dynamic conv parameters
-    mask_protos: torch.Tensor  # (B, 8, H/8, W/8)
-
-
 class RTMDetIns(nn.Module):
     """RTMDet-Ins instance segmenter.
 
     ``forward(images)`` maps normalised BGR images (B, 3, H, W) (see ``rtmdet.preprocess``) to
-    :class:`RawOutputs`; ``predict`` adds the NMS-and-mask postprocessing; ``loss`` the training
-    objective. H and W must be multiples of 32.
+    :class:`RawOutputs` and does nothing else; H and W must be multiples of 32. The training
+    objective (``RTMDetInsCriterion``) and the test-time decoding (``InstancePostProcess``) are
+    separate modules, built beside the model by ``rtmdet.build``. ``predict`` and ``loss`` are
+    conveniences that run them (the official settings unless one is passed); the model holds
+    neither.
     """
 
     def __init__(self, num_classes: int = 80, size: str = "tiny"):
@@ -61,8 +56,6 @@ class RTMDetIns(nn.Module):
         self.backbone = CSPNeXt(cfg.deepen_factor, cfg.widen_factor)
         self.neck = CSPNeXtPAFPN(self.backbone.out_channels, cfg.neck_channels, cfg.neck_csp_blocks)
         self.head = RTMDetInsSepBNHead(num_classes, cfg.neck_channels)
-        self.postprocess = InstancePostProcess()
-        self.criterion = RTMDetInsCriterion(num_classes, self.head.strides)  # no parameters or buffers
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -72,15 +65,18 @@ class RTMDetIns(nn.Module):
         return RawOutputs(*self.head(self.neck(self.backbone(images))))
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, metas: list | None = None) -> list[dict[str, torch.Tensor]]:
-        """Detect instances. images: (B, 3, H, W) normalised input.
+    def predict(self, images: torch.Tensor, metas: list[ImageMeta] | None = None,
+                postprocess: InstancePostProcess | None = None) -> list[dict[str, torch.Tensor]]:
+        """Detect instances: ``postprocess(self(images), metas)``. images: (B, 3, H, W) normalised input.
 
-        metas: optional per-image ``rtmdet.preprocess.ImageMeta`` (or dicts with ``orig_size`` (h, w)
-        and ``scale_factor`` (w_scale, h_scale)); with them results are in original-image pixels,
-        without them in input pixels. Returns per image a dict with ``boxes`` (N, 4) xyxy float,
-        ``scores`` (N,), ``labels`` (N,) int64, ``masks`` (N, h, w) bool, sorted by score.
+        metas: optional per-image :class:`rtmdet.preprocess.ImageMeta`; with them results are in
+        original-image pixels, without them in input pixels. postprocess: the test-time settings
+        (default: a fresh ``InstancePostProcess()``, the official ones). Returns per image a dict with
+        ``boxes`` (N, 4) xyxy float, ``scores`` (N,), ``labels`` (N,) int64, ``masks`` (N, h, w) bool,
+        sorted by score.
         """
-        return self.postprocess(self(images), images.shape[-2:], self.strides, metas)
+        postprocess = postprocess if postprocess is not None else InstancePostProcess(strides=self.strides)
+        return postprocess(self(images), metas)
 
     def fuse(self) -> RTMDetIns:
         """Fold every BatchNorm into the conv before it, in place, for inference; returns self.
@@ -94,9 +90,12 @@ class RTMDetIns(nn.Module):
                                "call model.eval() first (and load checkpoints before fusing)")
         return fuse_conv_bn(self)
 
-    def loss(self, outputs: RawOutputs, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Training objective (spec 4.2-4.3); see ``rtmdet.criterion.RTMDetInsCriterion``."""
-        return self.criterion(outputs, targets)
+    def loss(self, outputs: RawOutputs, targets: list[dict[str, torch.Tensor]],
+             criterion: RTMDetInsCriterion | None = None) -> dict[str, torch.Tensor]:
+        """Training objective: ``criterion(outputs, targets)`` (default: the official
+        ``RTMDetInsCriterion``, which holds no state); see ``rtmdet/criterion.py``."""
+        criterion = criterion if criterion is not None else RTMDetInsCriterion(self.num_classes, self.strides)
+        return criterion(outputs, targets)
 
 
 def build_model(size: str = "tiny", num_classes: int = 80) -> RTMDetIns:

@@ -1,4 +1,7 @@
-"""Raw outputs -> instances (boxes, scores, labels, masks), in the exact order of spec section 5."""
+"""Raw outputs -> instances (boxes, scores, labels, masks), in the reference's exact order.
+
+The numbered steps are those of docs/architecture.md#test-time-postprocess.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +10,29 @@ import functools
 import torch
 import torch.nn as nn
 
+from .crop_masks import CropMasks
 from .dynamic_mask import dynamic_mask_logits
-from .mask_paste import _orig_size, _scale_factor, paste_masks, resize_matrices
+from .mask_paste import paste_mask_crops, paste_masks, resize_matrices
 from .nms import batched_nms
+from .outputs import RawOutputs
+from .preprocess import ImageMeta
 from .priors import distance2bbox, grid_priors
+
+MASK_FORMATS = ("dense", "crops")
+TEST_SETTINGS = ("score_thr", "nms_pre", "iou_thr", "max_per_img", "mask_thr")  # what settings() returns
 
 
 class InstancePostProcess(nn.Module):
     """Score threshold and per-level top-k, box decoding, class-aware NMS, dynamic masks.
 
-    Defaults are the official RTMDet-Ins test settings. Detection is multi-label: one prior can
-    yield several (class, score) instances.
+    The test-time settings are constructor arguments and never change afterwards: a caller that
+    wants another threshold builds its own postprocess. Defaults are the official RTMDet-Ins test
+    settings. Detection is multi-label: one prior can yield several (class, score) instances.
+
+    ``mask_format``: ``"dense"`` gives ``masks`` as one (N, h, w) bool tensor of the output frame
+    (the ``model.predict`` contract); ``"crops"`` gives a :class:`rtmdet.crop_masks.CropMasks`,
+    each instance's mask inside its own box, so that memory grows with the instances' areas and
+    not with N x the image size (what the entry points use).
     """
 
     def __init__(
@@ -27,19 +42,39 @@ class InstancePostProcess(nn.Module):
         iou_thr: float = 0.6,
         max_per_img: int = 100,
         mask_thr: float = 0.5,
+        strides: tuple[int, ...] = (8, 16, 32),
+        mask_format: str = "dense",
     ):
         super().__init__()
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
         self.score_thr = score_thr
         self.nms_pre = nms_pre
         self.iou_thr = iou_thr
         self.max_per_img = max_per_img
         self.mask_thr = mask_thr
+        self.strides = tuple(strides)
+        self.mask_format = mask_format
 
-    def forward(self, outputs, input_size, strides, metas=None) -> list[dict[str, torch.Tensor]]:
-        """outputs: ``RawOutputs``; input_size: (H, W) of the padded input; metas: see ``RTMDetIns.predict``."""
+    def settings(self) -> dict:
+        """The five test-time settings, as keyword arguments that rebuild them."""
+        return {k: getattr(self, k) for k in TEST_SETTINGS}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.settings().items()) + f", mask_format={self.mask_format!r}"
+
+    def forward(self, outputs: RawOutputs, metas: list[ImageMeta] | None = None) -> list[dict]:
+        """outputs: ``RawOutputs`` of a padded (B, 3, H, W) input; metas: optional per-image ``ImageMeta``.
+
+        With metas, results are in original-image pixels; without, in input pixels. Returns per image
+        ``boxes`` (N, 4) xyxy float, ``scores`` (N,) float, ``labels`` (N,) int64 and ``masks`` (see
+        ``mask_format``), sorted by score.
+        """
         cls_logits, box_dists, kernels, protos = outputs
+        strides = self.strides
+        input_size = (protos.shape[-2] * strides[0], protos.shape[-1] * strides[0])  # (H, W): inputs are x32
         sizes = [tuple(x.shape[-2:]) for x in cls_logits]
-        points, point_strides = _cached_priors(tuple(sizes), tuple(strides), protos.device)  # (P, 2), (P,)
+        points, point_strides = _cached_priors(tuple(sizes), strides, protos.device)  # (P, 2), (P,)
         level_starts = [0] + torch.tensor([h * w for h, w in sizes]).cumsum(0).tolist()
         results = []
         for b in range(protos.shape[0]):
@@ -47,13 +82,13 @@ class InstancePostProcess(nn.Module):
             results.append(
                 self.single(
                     [x[b] for x in cls_logits], [x[b] for x in box_dists], [x[b] for x in kernels],
-                    protos[b], points, point_strides, level_starts, input_size, strides[0], meta,
+                    protos[b], points, point_strides, level_starts, input_size, meta,
                 )
             )
         return results
 
     def single(self, cls_logits, box_dists, kernels, protos, points, point_strides, level_starts,
-               input_size, proto_stride, meta) -> dict[str, torch.Tensor]:
+               input_size, meta: ImageMeta | None) -> dict:
         # 1-2. Per level: keep (prior, class) pairs scoring above score_thr, the top nms_pre of
         # them, and gather the candidates' box distances. Ranking raw logits is ranking sigmoid
         # scores; a class-major flat index avoids transposing the (C, H*W) map.
@@ -79,7 +114,7 @@ class InstancePostProcess(nn.Module):
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
         # 4. Rescale to the original image (not clipped to it afterwards).
         if meta is not None:
-            w_scale, h_scale = _scale_factor(meta)
+            w_scale, h_scale = meta.scale_factor
             boxes = boxes / boxes.new_tensor([w_scale, h_scale, w_scale, h_scale])
         # 5. Drop empty boxes; 6. class-aware NMS, keep the best max_per_img.
         valid = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
@@ -89,11 +124,16 @@ class InstancePostProcess(nn.Module):
         params = _gather_priors(kernels, prior_idx, level_starts)  # (N, 169): only the kept instances
         # 7-10. Dynamic convs on the prototypes, then threshold at the output resolution.
         img_idx = torch.zeros_like(prior_idx)
+        proto_stride = self.strides[0]
         logits = dynamic_mask_logits(protos[None], params, points[prior_idx], point_strides[prior_idx], img_idx,
                                      proto_stride)  # (N, h, w)
-        frame = None if meta is None else (_orig_size(meta), _scale_factor(meta))  # hashable, for the cache
+        frame = None if meta is None else ImageMeta(meta.orig_size, meta.scale_factor, meta.input_size)  # cache key
         ry, rx = _cached_resize(tuple(protos.shape[-2:]), proto_stride, (int(H), int(W)), frame, protos.device)
-        masks = paste_masks(logits.float(), ry, rx, _logit(self.mask_thr))
+        if self.mask_format == "crops":
+            crops, regions = paste_mask_crops(logits.float(), ry, rx, _logit(self.mask_thr))
+            masks = CropMasks(crops, regions, (ry.shape[0], rx.shape[0]))
+        else:
+            masks = paste_masks(logits.float(), ry, rx, _logit(self.mask_thr))
         return {"boxes": boxes, "scores": scores.float(), "labels": labels, "masks": masks}
 
 
@@ -119,7 +159,6 @@ def _cached_priors(sizes: tuple, strides: tuple, device: torch.device):
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_resize(feat_size: tuple, stride: int, input_size: tuple, frame: tuple | None, device: torch.device):
-    """frame: None (input pixels) or (orig_size, scale_factor) of the image."""
-    meta = None if frame is None else {"orig_size": frame[0], "scale_factor": frame[1]}
-    return resize_matrices(feat_size, stride, input_size, meta, device)
+def _cached_resize(feat_size: tuple, stride: int, input_size: tuple, frame: ImageMeta | None, device: torch.device):
+    """frame: None (input pixels) or the image's ``ImageMeta`` (image_id left out)."""
+    return resize_matrices(feat_size, stride, input_size, frame, device)

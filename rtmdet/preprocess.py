@@ -7,7 +7,7 @@ ratio, then padded bottom/right to exactly ``size x size`` with the raw pixel va
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,17 +18,21 @@ STD_BGR = (57.375, 57.12, 58.395)
 PAD_VALUE = 114
 
 
-@dataclass(frozen=True)
-class ImageMeta:
-    """How one input image maps back to its original pixels.
+class ImageMeta(NamedTuple):
+    """How one input image maps back to its original pixels: the one image-meta type, from the
+    letterbox (or the data pipeline's collate) to the postprocess and the mask paste.
 
     ``scale_factor`` is (w_scale, h_scale) = (new_w / orig_w, new_h / orig_h); the resized image sits
-    at the top-left of the padded input, so original = input / scale_factor.
+    at the top-left of the padded input, so original = input / scale_factor. Immutable and
+    hashable, so that resize matrices are cached per geometry (with ``image_id=None``). A
+    NamedTuple rather than a frozen dataclass: Lightning's batch transfer rebuilds tuples but
+    refuses frozen dataclasses.
     """
 
     orig_size: tuple[int, int]  # (h, w) of the original image
     scale_factor: tuple[float, float]  # (w_scale, h_scale)
     input_size: tuple[int, int]  # (H, W) of the padded network input
+    image_id: int | None = None  # the dataset's id, when there is one
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -98,8 +98,12 @@ def test_backbone_only_imagenet_checkpoint():
 def test_not_a_checkpoint(tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("hello")
-    with pytest.raises(CheckpointError, match="notes.txt is not a loadable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"notes.txt is not a PyTorch checkpoint \(neither a zip archive"):
         load_mmdet_checkpoint(build_model("tiny"), bad)
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes(b"PK\x03\x04 and then nothing")
+    with pytest.raises(CheckpointError, match="cut.pth is not a loadable PyTorch checkpoint"):
+        load_mmdet_checkpoint(build_model("tiny"), truncated)
     with pytest.raises(CheckpointError, match="not found"):
         load_mmdet_checkpoint(build_model("tiny"), tmp_path / "missing.pth")
 

@@ -38,7 +38,7 @@ def check_batch(batch, batch_size, finalized=True):
     assert images.dtype == (torch.float32 if finalized else torch.uint8)
     assert images.shape == (batch_size, 3, S, S) and len(targets) == batch_size
     for t in targets:
-        assert set(t) == {"boxes", "labels", "masks", "ignore_boxes", "image_id", "orig_size", "scale_factor"}
+        assert set(t) == {"boxes", "labels", "masks", "ignore_boxes", "image_id", "orig_size", "scale_factor", "meta"}
         n = len(t["labels"])
         assert t["boxes"].dtype == torch.float32 and t["boxes"].shape == (n, 4)
         assert t["labels"].dtype == torch.int64 and ((t["labels"] >= 0) & (t["labels"] < 2)).all()

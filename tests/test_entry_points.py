@@ -20,7 +20,8 @@ from PIL import Image
 from datamodules.sprites import generate_sprite_dataset
 from experiments import evaluate, export, predict
 from rtmdet import CheckpointError, build_model, preprocess, to_mmdet_state_dict
-from rtmdet.inference import coco_results, cutout, load_checkpoint, load_model
+from rtmdet.checkpoint import load_checkpoint, load_model
+from rtmdet.inference import coco_results, cutout
 from rtmdet.lightning_module import RTMDetInsModule
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools

@@ -12,6 +12,7 @@ from benchmarks.latency import busy_head
 from experiments import predict
 from rtmdet import build_model, load_mmdet_checkpoint, to_mmdet_state_dict
 from rtmdet.fuse import fold_conv_bn
+from rtmdet.preprocess import ImageMeta
 
 
 @torch.no_grad()
@@ -67,8 +68,8 @@ def test_fused_raw_outputs_match():
 def test_fused_predict_matches():
     model = random_model(seed=2)
     x = images(seed=3)
-    metas = [{"orig_size": (100, 128), "scale_factor": (1.0, 1.0)},
-             {"orig_size": (256, 200), "scale_factor": (0.5, 0.5)}]
+    metas = [ImageMeta((100, 128), (1.0, 1.0), tuple(x.shape[-2:])),
+             ImageMeta((256, 200), (0.5, 0.5), tuple(x.shape[-2:]))]
     ref = model.predict(x, metas)
     out = copy.deepcopy(model).fuse().predict(x, metas)
     assert sum(len(r["scores"]) for r in ref) > 20

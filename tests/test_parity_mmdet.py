@@ -12,6 +12,7 @@ pytest.importorskip("mmdet", reason="parity tests need mmdet 3.3.0 (see README: 
 
 from rtmdet import build_model, load_mmdet_checkpoint  # noqa: E402
 from rtmdet.box_ops import box_iou  # noqa: E402
+from rtmdet.preprocess import ImageMeta  # noqa: E402
 
 from .mmdet_reference import build_mmdet_model, randomize  # noqa: E402
 
@@ -61,9 +62,9 @@ def test_postprocessed_detections_match(size):
     for h, w in [(250, 300), (480, 200)]:
         s = min(320 / h, 320 / w)
         nh, nw = int(h * s + 0.5), int(w * s + 0.5)
-        metas.append({"orig_size": (h, w), "scale_factor": (nw / w, nh / h)})
+        metas.append(ImageMeta((h, w), (nw / w, nh / h), (320, 320)))
     mm_metas = [
-        {"img_shape": (320, 320), "ori_shape": m["orig_size"], "scale_factor": m["scale_factor"], "pad_shape": (320, 320)}
+        {"img_shape": (320, 320), "ori_shape": m.orig_size, "scale_factor": m.scale_factor, "pad_shape": (320, 320)}
         for m in metas
     ]
     test_cfg = ConfigDict(load_config(size).model.test_cfg)
@@ -83,6 +84,6 @@ def test_postprocessed_detections_match(size):
         best_iou, match = iou.max(dim=1)
         assert len(set(match.tolist())) == n, "one-to-one match"
         assert best_iou.min() > 0.98
-        assert o["masks"].shape == r.masks.shape == (n, *m["orig_size"])
+        assert o["masks"].shape == r.masks.shape == (n, *m.orig_size)
         assert _mask_iou(o["masks"][match], r.masks).mean() > 0.99
     assert total > 0
