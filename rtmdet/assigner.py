@@ -1,4 +1,4 @@
-"""DynamicSoftLabelAssigner (spec section 4.2), batched over images.
+"""DynamicSoftLabelAssigner (docs/architecture.md#label-assignment), batched over images.
 
 Ground truths are padded to the batch maximum with a validity mask; everything is dense tensor
 maths on (B, g, P) cost rows (P priors, g ground truths of one chunk), with no loop over images,

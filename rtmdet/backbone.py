@@ -1,4 +1,4 @@
-"""CSPNeXt backbone, arch P5 (spec section 1.3)."""
+"""CSPNeXt backbone, arch P5 (docs/architecture.md#backbone-cspnext)."""
 
 from __future__ import annotations
 

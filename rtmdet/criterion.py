@@ -1,4 +1,6 @@
-"""RTMDet-Ins training objective (spec sections 4.2-4.3): assign, then QFL + GIoU + dice.
+"""RTMDet-Ins training objective: assign, then QFL + GIoU + dice.
+
+The reference's definitions: docs/architecture.md#label-assignment and docs/architecture.md#losses.
 
 Reproduces mmdet 3.3.0's ``RTMDetInsHead.loss_by_feat``; differences are only in how it is
 computed: batched over images, an assigner whose memory does not depend on the number of ground
@@ -158,7 +160,7 @@ class RTMDetInsCriterion(nn.Module):
         gt: Targets,
         assignment: Assignment,
     ) -> torch.Tensor:
-        """Dice loss of every positive's dynamic mask at the mask-loss stride (spec 1.7, 4.3).
+        """Dice loss of every positive's dynamic mask at the mask-loss stride (docs/architecture.md#mask-loss-stride).
 
         With ``mask_chunk_size``, positives go through in checkpointed chunks that never straddle two
         images: each chunk keeps only its inputs for backward (memory flat in the number of

@@ -1,4 +1,4 @@
-"""Dynamic-kernel mask generation, CondInst style (spec section 1.7). Serves the loss and inference.
+"""Dynamic-kernel mask generation, CondInst style. Serves the loss and inference.
 
 Each instance carries 169 parameters (for 8 prototypes, 8 channels, 3 layers), laid out weights
 first then biases: W1 (8 x 10), W2 (8 x 8), W3 (1 x 8), b1 (8), b2 (8), b3 (1); weights out-major.

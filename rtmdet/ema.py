@@ -1,6 +1,7 @@
 """EMA of the weights with the official ramped momentum, as a Lightning ``WeightAveraging`` callback.
 
-mmengine's ExpMomentumEMA (spec 4.4): after t previous updates, m_t = (1 - m) exp(-(1 + t) / gamma) + m
+The reference's ExpMomentumEMA (docs/architecture.md#ema): after t previous updates,
+m_t = (1 - m) exp(-(1 + t) / gamma) + m
 and ema <- (1 - m_t) ema + m_t theta; the first update is a plain copy, BN statistics are averaged
 too and integer buffers are only copied at the first update. The reference iterates over
 ``state_dict()`` entries, so a tensor with k aliases is updated k times per step: the shared

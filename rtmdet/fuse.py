@@ -6,7 +6,8 @@ conv with weight W and bias b it merges into one conv with
     W' = W s,  b' = (b - mu) s + beta,  s = gamma / sqrt(var + eps)   (s per output channel)
 
 which saves one full pass over every feature map. The head's classification tower shares its conv
-weights across levels but has a BN per level (spec 1.5), so folding there gives one conv per level:
+weights across levels but has a BN per level (docs/architecture.md#sepbn-head), so folding there
+gives one conv per level:
 the shared conv becomes an identity and each per-level BN slot holds that level's folded conv, so
 ``bn(conv(x))`` in ``RTMDetInsSepBNHead.forward`` still reads the same.
 

@@ -1,6 +1,7 @@
-"""RTMDetInsSepBNHead (spec section 1.5): per-level towers with shared convs and separate BN.
+"""RTMDetInsSepBNHead (docs/architecture.md#sepbn-head): per-level towers with shared convs and separate BN.
 
-Faithful quirks (spec section 8):
+Reference behaviour reproduced here (docs/architecture.md#box-branch-on-the-classification-tower
+and docs/architecture.md#double-bn-update):
 * the box branch runs on the classification tower (mmdet's ``reg_convs`` *is* ``cls_convs``), so we
   run the tower once and feed ``rtm_reg`` from the classification features;
 * in training the reference runs that tower twice per step, updating its BN running statistics
@@ -20,7 +21,7 @@ from .dynamic_mask import num_dynamic_params
 from .layers import BN_EPS, BN_MOMENTUM, ConvModule
 from .mask_feat import MaskFeatModule
 
-CLS_TOWER_BN_MOMENTUM = 1.0 - (1.0 - BN_MOMENTUM) ** 2  # two updates per step, see module docstring
+CLS_TOWER_BN_MOMENTUM = 1.0 - (1.0 - BN_MOMENTUM) ** 2  # two updates per step: docs/architecture.md#double-bn-update
 
 
 class RTMDetInsSepBNHead(nn.Module):
@@ -63,7 +64,10 @@ class RTMDetInsSepBNHead(nn.Module):
         self.init_weights()
 
     def init_weights(self, prior_prob: float = 0.01) -> None:
-        """Spec section 3: every head conv N(0, 0.01) with bias 0; cls bias from the prior; reg bias 1."""
+        """Every head conv N(0, 0.01) with bias 0; cls bias from the prior; reg bias 1.
+
+        As the reference's ``init_weights`` (docs/architecture.md#head-initialisation).
+        """
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)

@@ -1,4 +1,4 @@
-"""Building blocks of CSPNeXt and its PAFPN (spec section 1.2).
+"""Building blocks of CSPNeXt and its PAFPN (docs/architecture.md#building-blocks).
 
 Child names (``conv``, ``bn``, ``depthwise_conv``, ``main_conv``...) follow mmdetection so that the
 checkpoint mapping is a rename of prefixes only.
@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# SyncBN defaults of the official configs (spec 1.1, quirk 8.7), not mmdet's class defaults.
+# The official configs give SyncBN no eps/momentum, so PyTorch's defaults apply, not mmdet's class
+# defaults (1e-3, 0.03): docs/architecture.md#batch-normalisation-settings.
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
 

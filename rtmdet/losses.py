@@ -1,4 +1,4 @@
-"""The three RTMDet-Ins loss terms as plain, unreduced functions (spec section 4.3).
+"""The three RTMDet-Ins loss terms as plain, unreduced functions (docs/architecture.md#losses).
 
 Each returns one value per prediction; weighting and normalisation live in ``rtmdet.criterion``.
 They match mmdet 3.3.0's ``QualityFocalLoss``, ``GIoULoss`` and ``DiceLoss`` before reduction.

@@ -1,4 +1,4 @@
-"""Mask feature module: fuses P3-P5 into the stride-8 mask prototypes (spec section 1.6)."""
+"""Mask feature module: fuses P3-P5 into the stride-8 mask prototypes (docs/architecture.md#mask-feature-module)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CSPNeXtPAFPN neck (spec section 1.4)."""
+"""CSPNeXtPAFPN neck (docs/architecture.md#neck-cspnextpafpn)."""
 
 from __future__ import annotations
 

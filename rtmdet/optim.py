@@ -1,4 +1,4 @@
-"""The official optimiser: AdamW, no weight decay on normalisation layers and biases (spec 4.4).
+"""The official optimiser: AdamW, no weight decay on normalisation layers and biases.
 
 mmdet's ``paramwise_cfg=dict(norm_decay_mult=0, bias_decay_mult=0, bypass_duplicate=True)``:
 every parameter once, in two groups. The fused AdamW kernel (same update, one pass over all

@@ -1,7 +1,8 @@
 """Test-time input pipeline of the official RTMDet-Ins: letterbox resize, pad 114, BGR normalise.
 
 The official weights expect BGR images (OpenCV order) normalised with the mean/std below, given in
-B, G, R order (spec section 1.1). Images are resized to fit ``size x size`` keeping the aspect
+B, G, R order (docs/architecture.md#input-normalisation-and-letterbox). Images are resized to fit
+``size x size`` keeping the aspect
 ratio, then padded bottom/right to exactly ``size x size`` with the raw pixel value 114.
 """
 

@@ -1,4 +1,4 @@
-"""Point priors and distance box coding (spec section 4.1).
+"""Point priors and distance box coding (docs/architecture.md#priors-and-box-coding).
 
 A prior of cell (row i, col j) on a level of stride s is the point (j*s, i*s): offset 0, the cell's
 top-left corner. Priors are ordered row-major (x fastest) within a level, levels 8 -> 16 -> 32.

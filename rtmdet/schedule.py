@@ -1,4 +1,4 @@
-"""Learning-rate schedule of the official recipe (spec 4.4), as a factor of the base lr per iteration.
+"""Learning-rate schedule of the official recipe, as a factor of the base lr per iteration.
 
 Linear warm-up from 1e-5 to 1 over ``warmup_iters``, flat, then cosine to ``min_lr_ratio`` over
 the second half of training (epochs 150-300 of 300), updated every iteration.
