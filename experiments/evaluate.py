@@ -3,6 +3,7 @@
     python -m experiments.evaluate --ckpt PATH [--size tiny] [--data.val_ann_file F --data.val_img_dir D]
         [--data.img_size 640] [--data.nearest_resize] [--data.val_batch_size 5] [--data.num_workers 2]
         [--output results.json] [--device cpu] [--no-data.check_images]
+        [--tile-size none|auto|N] [--tile-overlap 0.2] [--whole-image] [--max-det K]
 
 No data given: the embedded sprite dataset's val split. The input size and resize mode default to
 those the checkpoint was validated with (Lightning checkpoints), else 640 and bilinear. Prints a
@@ -10,6 +11,10 @@ table and writes the metrics (``bbox_mAP`` ... ``segm_AR_l`` and the run's setti
 ``--output`` and the detections, as a COCO results list, beside it (``<output>.detections.json``).
 Bad data (annotation problems; image files missing, unreadable, truncated or of another size than
 the json says) ends with one ``error: ...`` listing every problem, before the model runs.
+
+``--tile-size`` evaluates large images window by window, as ``experiments.predict`` predicts them
+(default ``none``: the whole image letterboxed, as the official numbers are measured); images that
+hit ``--max-det`` are listed.
 """
 
 from __future__ import annotations
@@ -23,9 +28,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules import CocoAnnotations, CocoDataset, DatasetError, collate, val_pipeline
+from datamodules import CocoAnnotations, CocoDataset, DatasetError, collate, load_image, val_pipeline
 from datamodules.coco import problems_message
 from experiments.errors import check_img_size, cli_error_message
+from experiments.tiling_options import (
+    ImagePredictor,
+    Prediction,
+    add_tiling_arguments,
+    cap_report,
+    check_tiling_arguments,
+)
 from rtmdet import SIZES, CheckpointError, normalize
 from rtmdet.coco_eval import COCOMetric
 from rtmdet.checkpoint import load_checkpoint
@@ -48,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open every image file first and report all bad ones at once (default: on)")
     p.add_argument("--output", default="results.json", help="metrics json (detections go beside it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_tiling_arguments(p, default_tile="none")
     return p
 
 
@@ -62,7 +75,6 @@ def evaluate(args: argparse.Namespace) -> dict:
         args.ann_file, args.img_dir = paths["val_ann_file"], paths["val_img_dir"]
     loaded = load_checkpoint(args.ckpt, args.size, device=args.device)
     model = loaded.model
-    postprocess = loaded.postprocess(mask_format="crops")  # no (N, H, W) stack of the original size
     img_size = args.img_size or loaded.img_size or 640
     nearest = args.nearest if args.nearest is not None else bool(loaded.nearest_resize)
     annotations = CocoAnnotations(args.ann_file, args.img_dir)
@@ -77,13 +89,31 @@ def evaluate(args: argparse.Namespace) -> dict:
     if loaded.class_names and tuple(loaded.class_names) != categories.names:
         print(f"warning: class names differ (checkpoint {list(loaded.class_names)[:5]}..., dataset "
               f"{list(categories.names)[:5]}...); labels are matched by position", file=sys.stderr)
-    loader = DataLoader(CocoDataset(annotations, val_pipeline(img_size, nearest)), batch_size=args.batch_size,
-                        num_workers=args.num_workers, collate_fn=collate)
     metric = COCOMetric(args.ann_file, [categories.label_to_cat_id[i] for i in range(categories.num_classes)])
+    postprocess = loaded.postprocess(mask_format="crops")  # no (N, H, W) stack of the original size
+    predictor = ImagePredictor(model, postprocess, img_size, nearest, args, args.device)
+    args.capped = []
+    indices = []  # images letterboxed whole, batched through the data pipeline
     with torch.inference_mode():
-        for images, targets in loader:  # targets: only image_id and meta are used
-            preds = postprocess(model(normalize(images.to(args.device))), [t["meta"] for t in targets])
-            metric.update(preds, [t["image_id"] for t in targets])
+        for i, record in enumerate(annotations.records):  # windows need the original image: loaded one by one
+            tile = predictor.window(record.height, record.width)
+            if tile is None:
+                indices.append(i)
+                continue
+            p = predictor.tiled(load_image(record.path, record.image_id), tile)
+            metric.update([p.pred], [record.image_id])
+            if p.capped:
+                args.capped.append((f"image {record.image_id} ({Path(record.path).name})", p))
+        dataset = CocoDataset(annotations, val_pipeline(img_size, nearest))
+        loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size,
+                            num_workers=args.num_workers, collate_fn=collate)
+        for images, targets in loader if indices else []:  # targets: only image_id and meta are used
+            preds = predictor.plain(model(normalize(images.to(args.device))), [t["meta"] for t in targets])
+            for t, pred in zip(targets, preds):
+                found, k = len(pred["scores"]), predictor.plain_max_det
+                metric.update([{key: v[:k] for key, v in pred.items()}], [t["image_id"]])
+                if found > k:
+                    args.capped.append((f"image {t['image_id']}", Prediction(pred, found, k, 1)))
     stats = metric.compute()
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +122,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     payload = dict(stats, checkpoint=str(args.ckpt), format=loaded.format, size=model.size,
                    num_classes=model.num_classes, ann_file=str(args.ann_file), img_dir=str(args.img_dir),
                    num_images=len(annotations.records), img_size=img_size, nearest_resize=nearest,
+                   tile_size=args.tile_size, tile_overlap=args.tile_overlap, whole_image=args.whole_image,
+                   max_det=args.max_det, images_over_max_det=len(args.capped),
                    detections_file=str(detections), wall_time_s=round(time.time() - start, 1))
     output.write_text(json.dumps(payload, indent=2))
     return payload
@@ -110,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_img_size(parser, args.img_size, "--data.img_size")
+    check_tiling_arguments(parser, args)
     try:
         payload = evaluate(args)
     except (CheckpointError, DatasetError) as e:
@@ -119,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
           f"images of {payload['ann_file']} at {payload['img_size']}px:")
     print(format_table(payload))
     print(f"metrics: {args.output}  detections: {payload['detections_file']}")
+    if args.capped:
+        print(f"{len(args.capped)} image(s) had more instances than --max-det:", file=sys.stderr)
+        print("\n".join(cap_report(args.capped)), file=sys.stderr)
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python -m experiments.predict --ckpt PATH --input IMG_OR_DIR --output DIR [--score-thr 0.3]
         [--img-size 640] [--nearest | --no-nearest] [--size tiny] [--batch-size 4] [--device cpu]
-        [--fuse] [--compile]
+        [--fuse] [--compile] [--tile-size auto|none|N] [--tile-overlap 0.2] [--whole-image] [--max-det K]
 
 Writes into DIR:
 
@@ -16,6 +16,12 @@ Writes into DIR:
 A folder is read non-recursively (image extensions only). Unreadable files are skipped and listed
 at the end; the exit status is 1 only if no image could be read. Input size and resize mode default
 to those the checkpoint was validated with (Lightning checkpoints), else 640 and bilinear.
+
+Large images (screenshots, sprite sheets): by default (``--tile-size auto``) an image larger than
+the input size is predicted in overlapping windows of the input size, so sprites keep the scale the
+model was trained at, and the windows' detections are merged (``rtmdet/tiling.py``). Masks travel
+as crops from the paste to the results and cut-outs. An image with more instances than
+``--max-det`` is listed at the end with its count.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from PIL import Image, ImageOps
 from datamodules import DatasetError, load_image
 from rtmdet import SIZES, CheckpointError, preprocess
 from experiments.errors import check_img_size
+from experiments.tiling_options import ImagePredictor, add_tiling_arguments, cap_report, check_tiling_arguments
 from experiments.visualize import draw_overlay
 from rtmdet.checkpoint import load_checkpoint
 from rtmdet.inference import coco_results, cutouts
@@ -56,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse", action="store_true", help="fold BatchNorm into the convs (same results, faster)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (pays off over many images; the first batch compiles)")
+    add_tiling_arguments(p, default_tile="auto")
     return p
 
 
@@ -83,7 +91,10 @@ def _slug(text: str) -> str:
 
 
 def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]], int]:
-    """Returns (results entries, failures [(file, reason)], number of images processed)."""
+    """Returns (results entries, failures [(file, reason)], number of images processed).
+
+    Also sets ``args.capped``: [(file name, Prediction)] of the images that hit ``--max-det``.
+    """
     files = list_inputs(Path(args.input))
     loaded = load_checkpoint(args.ckpt, args.size, device=args.device)
     model = loaded.model
@@ -95,29 +106,37 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]
     postprocess = loaded.postprocess(score_thr=args.score_thr, mask_format="crops")
     img_size = args.img_size or loaded.img_size or 640
     nearest = args.nearest if args.nearest is not None else bool(loaded.nearest_resize)
+    predictor = ImagePredictor(model, postprocess, img_size, nearest, args, args.device)
     names = list(loaded.class_names or [f"class{i}" for i in range(model.num_classes)])
     out_dir = Path(args.output)
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(files)
-    results, failures, done = [], [], 0
+    results, failures, done, args.capped = [], [], 0, []
     batch: list[tuple[int, Path, np.ndarray]] = []
 
-    def flush():
+    def save(image_id: int, path: Path, image: np.ndarray, p) -> None:
         nonlocal done
-        images, metas = preprocess([im for _, _, im in batch], img_size, nearest)
-        with torch.inference_mode():
-            preds = postprocess(model(images.to(args.device)), metas)
-        for (image_id, path, image), pred in zip(batch, preds):
-            results.extend(_save_image(image_id, path, image, pred, stems[path], names, out_dir))
-            done += 1
+        results.extend(_save_image(image_id, path, image, p.pred, stems[path], names, out_dir))
+        if p.capped:
+            args.capped.append((path.name, p))
+        done += 1
+
+    def flush():
+        for (image_id, path, image), p in zip(batch, predictor.whole([im for _, _, im in batch])):
+            save(image_id, path, image, p)
         batch.clear()
 
     for image_id, path in enumerate(files, start=1):
         try:
-            batch.append((image_id, path, load_image(str(path), image_id)))
+            image = load_image(str(path), image_id)
         except DatasetError as e:
             failures.append((str(path), str(e).split(": ", 1)[-1]))
             continue
+        tile = predictor.window(*image.shape[:2])
+        if tile is not None:
+            save(image_id, path, image, predictor.tiled(image, tile))
+            continue
+        batch.append((image_id, path, image))
         if len(batch) == args.batch_size:
             flush()
     if batch:
@@ -160,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_img_size(parser, args.img_size, "--img-size")
+    check_tiling_arguments(parser, args)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     start = time.time()
@@ -171,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     num_cutouts = sum(r["cutout"] is not None for r in results)
     print(f"{done} image(s), {len(results)} instance(s) at score >= {args.score_thr}, {num_cutouts} cut-out(s) "
           f"in {time.time() - start:.1f} s -> {args.output} (overlays/, cutouts/, results.json)")
+    if args.capped:
+        print(f"{len(args.capped)} image(s) had more instances than --max-det:", file=sys.stderr)
+        print("\n".join(cap_report(args.capped)), file=sys.stderr)
     if failures:
         print(f"{len(failures)} file(s) could not be read:", file=sys.stderr)
         for path, reason in failures:
