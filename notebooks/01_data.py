@@ -20,7 +20,7 @@
 #
 # 1. browse a few images with their instance masks and boxes;
 # 2. class and size statistics (instances per class, box sizes, instances per image);
-# 3. each training transform of `datamodules/transforms.py` on one fixed sample, then the full
+# 3. each training transform of `datamodules/transforms/` on one fixed sample, then the full
 #    stage-1 and stage-2 pipelines and the validation letterbox, and the batch the model receives.
 #
 # By default this is the embedded procedural sprite dataset (`datamodules/sprites.py`: 8 classes,
