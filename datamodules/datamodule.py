@@ -3,8 +3,9 @@
 Batches: see ``datamodules/collate.py`` (uint8 images and compact masks leave the workers;
 :func:`finalize_batch` normalises and makes dense masks on the device).
 
-Stage switch: the training sampler yields ``(index, stage)`` pairs and :class:`CocoDataset` picks
-the pipeline from the pair, so the stage travels with the indices into every worker process
+Stage switch: the stage lives in :attr:`COCODataModule.train_stage` alone. The training sampler
+reads it when an epoch starts and yields ``(index, stage)`` pairs; :class:`CocoDataset` picks the
+pipeline from the pair, so the stage travels with the indices into every worker process
 (persistent workers too). ``PipelineSwitch`` (``datamodules/pipeline_switch.py``) sets the stage
 from the current epoch.
 """
@@ -125,8 +126,7 @@ class COCODataModule(L.LightningDataModule):
         self.label_to_cat_id: dict[int, int] = self.categories.label_to_cat_id
         self.train_dataset: CocoDataset | None = None
         self.val_dataset: CocoDataset | None = None
-        self._train_stage = 1
-        self._train_sampler: TrainSampler | None = None
+        self._train_stage = 1  # the one record of the stage: the sampler reads it at every epoch start
 
     def _train_pipeline(self, stage: int) -> Compose:
         h = self.hparams
@@ -141,7 +141,6 @@ class COCODataModule(L.LightningDataModule):
                                                     "these images:", problems))
             self.train_dataset = CocoDataset(self.train_annotations, self._train_pipeline(1), self._train_pipeline(2),
                                              seed=self.hparams.seed)
-            self.train_dataset.stage = self._train_stage
         if self.val_annotations is not None and self.val_dataset is None:
             self.val_dataset = CocoDataset(self.val_annotations, val_pipeline(self.hparams.img_size,
                                                                               self.hparams.nearest_resize))
@@ -157,8 +156,8 @@ class COCODataModule(L.LightningDataModule):
         if self.train_dataset is None:
             self.setup("fit")
         seed = self.hparams.seed if self.hparams.seed is not None else torch.initial_seed() % 2**31
-        self._train_sampler = TrainSampler(len(self.train_dataset), seed=seed, stage=self._train_stage)
-        return self._loader(self.train_dataset, self.batch_size, self._train_sampler)
+        sampler = TrainSampler(len(self.train_dataset), seed=seed, get_stage=lambda: self.train_stage)
+        return self._loader(self.train_dataset, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_annotations is None:
@@ -176,6 +175,7 @@ class COCODataModule(L.LightningDataModule):
 
     @property
     def train_stage(self) -> int:
+        """The training pipeline (1 or 2) of the epochs that start from now on."""
         return self._train_stage
 
     def set_train_stage(self, stage: int) -> bool:
@@ -183,10 +183,6 @@ class COCODataModule(L.LightningDataModule):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         changed, self._train_stage = stage != self._train_stage, stage
-        if self._train_sampler is not None:
-            self._train_sampler.stage = stage
-        if self.train_dataset is not None:
-            self.train_dataset.stage = stage
         return changed
 
     def validate_images(self) -> list[str]:

@@ -16,8 +16,8 @@ from .errors import DatasetError
 class CocoDataset(Dataset):
     """Samples of a :class:`CocoAnnotations` through a transform pipeline.
 
-    ``dataset[i]`` or ``dataset[(i, stage)]``: stage 2 uses ``stage2_pipeline`` (when given), a
-    plain index uses :attr:`stage`. A pipeline may reject a sample (``None``); another random index
+    ``dataset[(i, stage)]`` (what ``TrainSampler`` yields) or ``dataset[i]``: stage 2 uses
+    ``stage2_pipeline`` (when given), stage 1 and a plain index ``pipeline``. A pipeline may reject a sample (``None``); another random index
     is drawn then. Transforms draw from one ``numpy.random.Generator`` per process, seeded from the
     dataloader worker's seed (or ``seed``, else ``torch.initial_seed()``, in the main process), so
     the Mosaic/MixUp caches (one per worker) are deterministic under a seed.
@@ -27,7 +27,6 @@ class CocoDataset(Dataset):
                  seed: int | None = None, max_retries: int = 100):
         self.annotations, self.pipeline, self.stage2_pipeline = annotations, pipeline, stage2_pipeline
         self.seed, self.max_retries = seed, max_retries
-        self.stage = 1
         self._rng: np.random.Generator | None = None
         self._rng_owner: tuple | None = None
 
@@ -52,7 +51,7 @@ class CocoDataset(Dataset):
         return self._rng
 
     def __getitem__(self, item) -> dict:
-        index, stage = item if isinstance(item, tuple) else (item, self.stage)
+        index, stage = item if isinstance(item, tuple) else (item, 1)
         pipeline = self.stage2_pipeline if stage == 2 and self.stage2_pipeline is not None else self.pipeline
         rng = self.rng
         for _ in range(self.max_retries):

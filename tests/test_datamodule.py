@@ -104,10 +104,11 @@ def test_finalize_batch_and_collate_of_empty_samples():
 
 
 def test_sampler_tags_indices_with_the_stage():
-    s = TrainSampler(5, seed=3)
+    stage = [1]
+    s = TrainSampler(5, seed=3, get_stage=lambda: stage[0])
     first = list(s)
     assert sorted(i for i, _ in first) == list(range(5)) and {st for _, st in first} == {1}
-    s.stage = 2
+    stage[0] = 2  # read when an epoch's iteration starts
     assert list(s) == [(i, 2) for i, _ in first]  # same epoch: same order
     s.set_epoch(1)
     assert [i for i, _ in s] != [i for i, _ in first]
