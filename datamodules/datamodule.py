@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .coco import CocoAnnotations, problems_message
+from .coco import CocoAnnotations, check_image_files, image_file_problems
 from .collate import collate, finalize_batch
 from .dataset import CocoDataset
 from .errors import DatasetError
@@ -135,10 +135,8 @@ class COCODataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
-            problems = self.validate_images() if self.hparams.check_images else []
-            if problems:  # now, not hours into the run when the loader reaches the file
-                raise DatasetError(problems_message(f"{len(problems)} image file problem(s); fix or remove "
-                                                    "these images:", problems))
+            if self.hparams.check_images:
+                check_image_files(*self._annotations())
             self.train_dataset = CocoDataset(self.train_annotations, self._train_pipeline(1), self._train_pipeline(2),
                                              seed=self.hparams.seed)
         if self.val_annotations is not None and self.val_dataset is None:
@@ -185,7 +183,9 @@ class COCODataModule(L.LightningDataModule):
         changed, self._train_stage = stage != self._train_stage, stage
         return changed
 
+    def _annotations(self) -> list[CocoAnnotations]:
+        return [self.train_annotations] + ([self.val_annotations] if self.val_annotations else [])
+
     def validate_images(self) -> list[str]:
         """Check every train/val image file (exists, decodes to the end, size vs json); all problems at once."""
-        anns = [self.train_annotations] + ([self.val_annotations] if self.val_annotations else [])
-        return list(dict.fromkeys(p for a in anns for p in a.validate_images()))  # once if train and val share images
+        return image_file_problems(*self._annotations())
