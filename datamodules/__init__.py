@@ -7,7 +7,7 @@ from .dataset import CocoDataset
 from .errors import DatasetError
 from .masks import InstanceMasks, decode_masks
 from .pipeline_switch import PipelineSwitch
-from .sampler import TrainSampler
+from .sampler import TrainIndex, TrainSampler
 from .transforms import train_pipeline, val_pipeline
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "DatasetError",
     "InstanceMasks",
     "PipelineSwitch",
+    "TrainIndex",
     "TrainSampler",
     "collate",
     "finalize_batch",

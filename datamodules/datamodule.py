@@ -4,23 +4,29 @@ Batches: see ``datamodules/collate.py`` (uint8 images and compact masks leave th
 :func:`finalize_batch` normalises and makes dense masks on the device).
 
 Stage switch: the stage lives in :attr:`COCODataModule.train_stage` alone. The training sampler
-reads it when an epoch starts and yields ``(index, stage)`` pairs; :class:`CocoDataset` picks the
-pipeline from the pair, so the stage travels with the indices into every worker process
-(persistent workers too). ``PipelineSwitch`` (``datamodules/pipeline_switch.py``) sets the stage
-from the current epoch.
+reads it when an epoch starts and yields ``TrainIndex`` items (index, stage, random stream);
+:class:`CocoDataset` picks the pipeline from the item, so the stage travels with the indices into
+every worker process (persistent workers too). ``PipelineSwitch`` (``datamodules/pipeline_switch.py``)
+sets the stage from the current epoch.
+
+Exact resume: an epoch's samples are a function of (seed, rank, epoch) (``datamodules/sampler.py``),
+and the seed and stage are saved in Lightning checkpoints (:meth:`COCODataModule.state_dict`), so a
+run resumed from an epoch-boundary checkpoint (``last.ckpt``) trains on the same samples, step for
+step, as the run that was interrupted.
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
 
 from .coco import CocoAnnotations, check_image_files, image_file_problems
 from .collate import collate, finalize_batch
 from .dataset import CocoDataset
 from .errors import DatasetError
-from .sampler import TrainSampler
+from .sampler import TrainLoader, TrainSampler
 from .transforms import Compose, train_pipeline, val_pipeline
 
 
@@ -53,10 +59,13 @@ class COCODataModule(L.LightningDataModule):
         mixup_cache: CachedMixUp cache size (tiny 10, others 20).
         mixup_prob: CachedMixUp probability (tiny 0.5, others 1.0).
         cache_random_pop: pop a random cache entry instead of the oldest (tiny False, others True).
-        persistent_workers: keep worker processes (and their caches) alive across epochs.
+        persistent_workers: keep worker processes alive across epochs (no start-up per epoch). The
+            Mosaic/MixUp caches start empty at every epoch either way (see :class:`CocoDataset`).
         pin_memory: pin batches in page-locked memory (for GPU training).
-        seed: seeds the shuffling and the worker generators; None derives them from torch's seed
-            (``lightning.seed_everything``).
+        seed: seeds the shuffling and the transforms' generators; None derives it from torch's seed
+            (``lightning.seed_everything``) when training starts. Checkpoints keep the seed in use,
+            and resuming from one restores it (a different ``seed`` given then is overridden, with a
+            warning).
         check_images: before training (``setup('fit')``) open every train/val image file and stop
             with one :class:`DatasetError` listing all that are missing, not images, truncated or of
             another size than the json says (:meth:`validate_images`, ~1 ms an image). Turn it off
@@ -127,6 +136,7 @@ class COCODataModule(L.LightningDataModule):
         self.train_dataset: CocoDataset | None = None
         self.val_dataset: CocoDataset | None = None
         self._train_stage = 1  # the one record of the stage: the sampler reads it at every epoch start
+        self._seed: int | None = seed  # resolved when training starts (see seed), restored by load_state_dict
 
     def _train_pipeline(self, stage: int) -> Compose:
         h = self.hparams
@@ -143,18 +153,30 @@ class COCODataModule(L.LightningDataModule):
             self.val_dataset = CocoDataset(self.val_annotations, val_pipeline(self.hparams.img_size,
                                                                               self.hparams.nearest_resize))
 
-    def _loader(self, dataset: CocoDataset, batch_size: int, sampler: Sampler | None) -> DataLoader:
+    @property
+    def seed(self) -> int:
+        """The seed of the training order and augmentations: ``seed``, else torch's initial seed when
+        first asked (after ``seed_everything``), else the one a restored checkpoint was trained with."""
+        if self._seed is None:
+            self._seed = torch.initial_seed() % 2**31
+        return self._seed
+
+    def _loader(self, dataset: CocoDataset, batch_size: int, sampler: TrainSampler | None) -> DataLoader:
         h = self.hparams
-        generator = torch.Generator().manual_seed(h.seed) if h.seed is not None else None
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=h.num_workers,
-                          collate_fn=collate, pin_memory=h.pin_memory, generator=generator,
-                          persistent_workers=h.persistent_workers and h.num_workers > 0)
+        # The loader's generator draws its workers' seeds (used by items without a stream and by
+        # Lightning's worker_init_fn, not by training items); a seeded one of its own spares torch's
+        # global generator a draw per epoch.
+        generator = torch.Generator().manual_seed(self.seed)
+        loader = TrainLoader if sampler is not None else DataLoader
+        return loader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=h.num_workers,
+                      collate_fn=collate, pin_memory=h.pin_memory, generator=generator,
+                      persistent_workers=h.persistent_workers and h.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
-        seed = self.hparams.seed if self.hparams.seed is not None else torch.initial_seed() % 2**31
-        sampler = TrainSampler(len(self.train_dataset), seed=seed, get_stage=lambda: self.train_stage)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = TrainSampler(len(self.train_dataset), seed=self.seed, get_stage=lambda: self.train_stage, rank=rank)
         return self._loader(self.train_dataset, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
@@ -182,6 +204,19 @@ class COCODataModule(L.LightningDataModule):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         changed, self._train_stage = stage != self._train_stage, stage
         return changed
+
+    def state_dict(self) -> dict:
+        """What Lightning saves in checkpoints: the seed and the training stage, which with the epoch
+        determine every training sample (``TrainIndex``)."""
+        return {"seed": self.seed, "train_stage": self.train_stage}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (Lightning calls it when resuming, before the dataloaders are made)."""
+        if self.hparams.seed is not None and self.hparams.seed != state["seed"]:
+            rank_zero_warn(f"COCODataModule: resuming with the checkpoint's data seed {state['seed']}, not "
+                           f"seed={self.hparams.seed}: the resumed epochs continue the interrupted run")
+        self._seed = int(state["seed"])
+        self.set_train_stage(int(state["train_stage"]))
 
     def _annotations(self) -> list[CocoAnnotations]:
         return [self.train_annotations] + ([self.val_annotations] if self.val_annotations else [])

@@ -11,16 +11,29 @@ from torch.utils.data import Dataset, get_worker_info
 
 from .coco import CocoAnnotations, load_sample
 from .errors import DatasetError
+from .sampler import TrainIndex
 
 
 class CocoDataset(Dataset):
     """Samples of a :class:`CocoAnnotations` through a transform pipeline.
 
-    ``dataset[(i, stage)]`` (what ``TrainSampler`` yields) or ``dataset[i]``: stage 2 uses
-    ``stage2_pipeline`` (when given), stage 1 and a plain index ``pipeline``. A pipeline may reject a sample (``None``); another random index
-    is drawn then. Transforms draw from one ``numpy.random.Generator`` per process, seeded from the
-    dataloader worker's seed (or ``seed``, else ``torch.initial_seed()``, in the main process), so
-    the Mosaic/MixUp caches (one per worker) are deterministic under a seed.
+    Items: a :class:`TrainIndex` (what ``TrainSampler`` yields), ``dataset[(i, stage)]`` or
+    ``dataset[i]``. Stage 2 uses ``stage2_pipeline`` (when given), stage 1 and a plain index
+    ``pipeline``. A pipeline may reject a sample (``None``); another random index is drawn then.
+
+    Transforms draw from one ``numpy.random.Generator`` per process (every dataloader worker has its
+    own, and its own Mosaic/MixUp caches):
+
+    * for a :class:`TrainIndex`, seeded from its stream and the worker id,
+      ``default_rng([seed, rank, epoch, worker])`` (worker 0 in the main process). A new stream (the
+      next epoch) starts a fresh generator and empty caches, so an epoch's samples depend on
+      (seed, rank, epoch) alone and a run resumed at an epoch boundary makes exactly the samples
+      that the interrupted run would have made. The caches therefore refill for a few samples at
+      every epoch start, as mmdet's do with non-persistent workers (its persistent workers keep
+      them, which no checkpoint could restore): the first 4 samples of a worker's epoch skip Mosaic
+      and its first skips MixUp, 0.3% of an official COCO epoch (1480 samples per worker).
+    * otherwise, seeded once per process from the dataloader worker's seed (or ``seed``, else
+      ``torch.initial_seed()``, in the main process).
     """
 
     def __init__(self, annotations: CocoAnnotations, pipeline: Callable, stage2_pipeline: Callable | None = None,
@@ -39,10 +52,19 @@ class CocoDataset(Dataset):
 
     @property
     def rng(self) -> np.random.Generator:
+        """The generator of this process for items without a stream."""
+        return self._generator(None)
+
+    def _generator(self, stream: tuple[int, ...] | None) -> np.random.Generator:
+        """This process's generator for ``stream``; a fresh one, and empty caches, whenever the
+        process, the dataloader worker or the stream changes."""
         info = get_worker_info()
-        owner = (os.getpid(), None if info is None else (info.id, info.seed))
-        if self._rng_owner != owner:  # a new worker (or process): fresh generator and empty caches
-            seed = info.seed if info is not None else (self.seed if self.seed is not None else torch.initial_seed())
+        owner = (os.getpid(), None if info is None else (info.id, info.seed), stream)
+        if self._rng_owner != owner:
+            if stream is not None:
+                seed = [*stream, 0 if info is None else info.id]
+            else:
+                seed = info.seed if info is not None else (self.seed if self.seed is not None else torch.initial_seed())
             self._rng, self._rng_owner = np.random.default_rng(seed), owner
             for pipeline in (self.pipeline, self.stage2_pipeline):
                 for t in getattr(pipeline, "transforms", []):
@@ -51,9 +73,12 @@ class CocoDataset(Dataset):
         return self._rng
 
     def __getitem__(self, item) -> dict:
-        index, stage = item if isinstance(item, tuple) else (item, 1)
+        if isinstance(item, TrainIndex):
+            index, stage, rng = item.index, item.stage, self._generator(item.stream)
+        else:
+            index, stage = item if isinstance(item, tuple) else (item, 1)
+            rng = self.rng
         pipeline = self.stage2_pipeline if stage == 2 and self.stage2_pipeline is not None else self.pipeline
-        rng = self.rng
         for _ in range(self.max_retries):
             sample = pipeline(self.load_sample(int(index)), rng)
             if sample is not None:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import COCODataModule, InstanceMasks, PipelineSwitch, TrainSampler, collate, finalize_batch
+from datamodules import (COCODataModule, InstanceMasks, PipelineSwitch, TrainIndex, TrainSampler, collate,
+                         finalize_batch)
 from rtmdet.preprocess import STD_BGR, MEAN_BGR, letterbox, normalize
 from tests._coco_factory import make_coco
 
@@ -103,15 +104,20 @@ def test_finalize_batch_and_collate_of_empty_samples():
     torch.testing.assert_close(x[0, :, 0, 0], expected)
 
 
-def test_sampler_tags_indices_with_the_stage():
+def test_sampler_tags_indices_with_the_stage_and_the_epoch_stream():
     stage = [1]
-    s = TrainSampler(5, seed=3, get_stage=lambda: stage[0])
+    s = TrainSampler(5, seed=3, get_stage=lambda: stage[0], rank=1)
     first = list(s)
-    assert sorted(i for i, _ in first) == list(range(5)) and {st for _, st in first} == {1}
+    assert sorted(i for i, _, _ in first) == list(range(5)) and {st for _, st, _ in first} == {1}
+    assert {stream for _, _, stream in first} == {(3, 1, 0)}  # (seed, rank, epoch)
     stage[0] = 2  # read when an epoch's iteration starts
-    assert list(s) == [(i, 2) for i, _ in first]  # same epoch: same order
+    assert list(s) == [TrainIndex(i, 2, (3, 1, 0)) for i, _, _ in first]  # same epoch: same order
     s.set_epoch(1)
-    assert [i for i, _ in s] != [i for i, _ in first]
+    second = list(s)
+    assert [i for i, _, _ in second] != [i for i, _, _ in first] and second[0].stream == (3, 1, 1)
+    s.set_epoch(0)
+    assert [i for i, _, _ in s] == [i for i, _, _ in first]  # the order is a function of (seed, epoch)
+    assert [i for i, _, _ in TrainSampler(5, seed=3, rank=0)] == [i for i, _, _ in first]  # not of the rank
 
 
 class Marker:
