@@ -175,7 +175,9 @@ class COCODataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rank = 0
+        if self.trainer is not None:  # under DDP every rank must shuffle alike: rank 0's seed for all
+            self._seed, rank = self.trainer.strategy.broadcast(self.seed), self.trainer.global_rank
         sampler = TrainSampler(len(self.train_dataset), seed=self.seed, get_stage=lambda: self.train_stage, rank=rank)
         return self._loader(self.train_dataset, self.batch_size, sampler)
 
