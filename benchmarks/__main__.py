@@ -2,8 +2,8 @@
 
     python -m benchmarks                                    # latency, train step (+ memory), data pipeline
     python -m benchmarks --compile                          # + torch.compile timings (minutes: compilation)
-    python -m benchmarks --side-by-side                     # + ours vs mmdetection 3.3.0 (its venv's python)
-    python -m benchmarks --mmdet-python PATH/bin/python     # the same with another mmdet venv
+    python -m benchmarks --mmdet-python PATH/bin/python     # + ours vs mmdetection 3.3.0 (its venv's python)
+    python -m benchmarks --side-by-side                     # the same, the python from $RTMDET_MMDET_PYTHON
     python -m benchmarks --parts latency --quick            # selected parts, few iterations (smoke test)
 
 Each part runs in its own process (``python -m benchmarks.<part>``), one after the other, so that
@@ -134,18 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="add torch.compile timings (compilation takes minutes)")
     p.add_argument("--side-by-side", action="store_true", help="add the side-by-side comparison with mmdetection")
     p.add_argument("--mmdet-python", help="Python of an mmdet 3.3.0 venv (implies --side-by-side; default "
-                                          "/work/.venv-mmdet/bin/python)")
+                                          "$RTMDET_MMDET_PYTHON)")
     p.add_argument("--size", default="tiny")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    from benchmarks.side_by_side import DEFAULT_MMDET_PYTHON
+    from benchmarks.side_by_side import MMDET_PYTHON_ENV, mmdet_python_problem
 
     parts = list(args.parts or PARTS[:3])
     if (args.side_by_side or args.mmdet_python) and "side_by_side" not in parts:
         parts.append("side_by_side")
-    args.mmdet_python = args.mmdet_python or DEFAULT_MMDET_PYTHON
-    if "side_by_side" in parts and not Path(args.mmdet_python).exists():
-        p.error(f"side-by-side needs a Python with mmdet 3.3.0: {args.mmdet_python} not found (--mmdet-python)")
+    args.mmdet_python = args.mmdet_python or os.environ.get(MMDET_PYTHON_ENV)
+    if "side_by_side" in parts and (problem := mmdet_python_problem(args.mmdet_python)):
+        p.error(problem)
     header = {
         "benchmark": "all", "parts": parts, "quick": args.quick, "size": args.size, "threads": args.threads,
         "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),

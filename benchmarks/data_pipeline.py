@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                 start, images, instances, cpu0 = time.perf_counter(), 0, 0, _cpu_seconds(pids)
             try:
                 batch = next(it)
-            except StopIteration:  # small datasets: next epoch (persistent workers keep their caches)
+            except StopIteration:  # small datasets: the epoch again (workers keep their generator and caches)
                 it = iter(loader)
                 batch = next(it)
             if args.finalize:

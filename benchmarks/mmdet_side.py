@@ -1,6 +1,6 @@
 """mmdetection 3.3.0 worker of ``benchmarks/side_by_side.py`` (runs only in the parity venv).
 
-    /work/.venv-mmdet/bin/python -m benchmarks.mmdet_side --setup FILE [--threads 2] [--warmup 2]
+    .venv-mmdet/bin/python -m benchmarks.mmdet_side --setup FILE [--threads 2] [--warmup 2]
 
 Builds the official RTMDet-Ins (``tests/mmdet_reference.py``: plain BN, the configs' test_cfg),
 loads the weights of the setup file strictly, and serves timed runs of its end-to-end

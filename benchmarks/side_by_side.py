@@ -1,7 +1,10 @@
 """Ours vs mmdetection 3.3.0, timed alternately on the same machine, weights, inputs and threads.
 
-    python -m benchmarks.side_by_side --mmdet-python /work/.venv-mmdet/bin/python
-    python -m benchmarks --side-by-side            # the same, inside the full benchmark JSON
+    python -m benchmarks.side_by_side --mmdet-python .venv-mmdet/bin/python
+    python -m benchmarks --side-by-side --mmdet-python .venv-mmdet/bin/python   # inside the full benchmark JSON
+
+The mmdet side runs in a Python with mmdet 3.3.0 (the parity venv of the README); give it with
+``--mmdet-python`` or ``$RTMDET_MMDET_PYTHON``. There is no default.
 
 Two tasks, each a ratio ours / mmdet of median times (lower is better for us):
 
@@ -46,7 +49,17 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MMDET_PYTHON = "/work/.venv-mmdet/bin/python"
+MMDET_PYTHON_ENV = "RTMDET_MMDET_PYTHON"  # the default of --mmdet-python
+
+
+def mmdet_python_problem(path: str | None) -> str | None:
+    """Why ``path`` cannot be the mmdet side's Python, or None when it can (it exists)."""
+    if not path:
+        return (f"side-by-side needs a Python with mmdet 3.3.0: give --mmdet-python PATH or set "
+                f"${MMDET_PYTHON_ENV} (README: Parity with mmdetection)")
+    if not Path(path).exists():
+        return f"side-by-side needs a Python with mmdet 3.3.0: {path} not found (--mmdet-python / ${MMDET_PYTHON_ENV})"
+    return None
 TARGETS = {"predict": 0.5, "train": 0.7}  # issue #6: ours / mmdet
 
 
@@ -262,8 +275,8 @@ def _agreement(task: str, checks: dict[str, dict]) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.side_by_side", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mmdet-python", default=DEFAULT_MMDET_PYTHON,
-                   help="a Python with mmdet 3.3.0 (README: Parity with mmdetection)")
+    p.add_argument("--mmdet-python", default=os.environ.get(MMDET_PYTHON_ENV),
+                   help=f"a Python with mmdet 3.3.0 (README: Parity with mmdetection); default ${MMDET_PYTHON_ENV}")
     p.add_argument("--tasks", nargs="+", default=["predict", "train"], choices=["predict", "train"])
     p.add_argument("--size", default="tiny")
     p.add_argument("--threads", type=int, default=2)
@@ -294,8 +307,8 @@ def run(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.rounds, args.iters, args.warmup = 2, 1, 1
         args.predict_size, args.train_size, args.train_batch, args.train_instances = 256, 128, 2, 4
-    if not Path(args.mmdet_python).exists():
-        raise FileNotFoundError(f"--mmdet-python {args.mmdet_python} not found (a venv with mmdet 3.3.0)")
+    if problem := mmdet_python_problem(args.mmdet_python):
+        raise FileNotFoundError(problem)
     result = {"benchmark": "side_by_side", "size": args.size, "threads": args.threads, "rounds": args.rounds,
               "iters_per_round": args.iters, "mmdet_python": args.mmdet_python, "torch": torch.__version__,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "load_avg_1min_start":
@@ -309,10 +322,13 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.worker:
         ours_worker(args)
         return
+    if problem := mmdet_python_problem(args.mmdet_python):
+        parser.error(problem)
     print(json.dumps(run(argv), indent=1))
 
 

@@ -318,6 +318,21 @@ class CocoAnnotations:
             return [p for p in pool.map(_image_file_problem, self.records) if p]
 
 
+def image_file_problems(*annotations: CocoAnnotations) -> list[str]:
+    """:meth:`CocoAnnotations.validate_images` of each, one line per problem (once when two sets,
+    e.g. train and val, share an image)."""
+    return list(dict.fromkeys(p for a in annotations for p in a.validate_images()))
+
+
+def check_image_files(*annotations: CocoAnnotations) -> None:
+    """Open every image file of ``annotations`` and raise one :class:`DatasetError` listing all the
+    problems, so that a run stops before its first step, not hours in when the loader reaches a file."""
+    problems = image_file_problems(*annotations)
+    if problems:
+        raise DatasetError(problems_message(f"{len(problems)} image file problem(s); fix or remove these images:",
+                                            problems))
+
+
 def _image_file_problem(r: ImageRecord) -> str | None:
     """What is wrong with the image file of ``r``, or None."""
     try:
@@ -340,13 +355,21 @@ def _image_file_problem(r: ImageRecord) -> str | None:
     return None
 
 
+TRANSPARENT_MODES = ("RGBA", "LA", "PA", "La", "RGBa")  # PIL modes with an alpha band
+
+
+def has_transparency(im: Image.Image) -> bool:
+    """Whether ``im`` has an alpha band or a transparency key (palette or grey with ``transparency``)."""
+    return im.mode in TRANSPARENT_MODES or "transparency" in im.info
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
     """Any PIL mode -> uint8 (H, W, 3) RGB; transparency composited onto grey 114."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         a = np.asarray(im, dtype=np.float64)
         a = a * (255 / 65535) if a.max() > 255 else a
         return np.repeat(np.clip(a + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+    if has_transparency(im):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", im.size, (PAD_VALUE,) * 3 + (255,)), rgba)
     return np.array(im.convert("RGB"))

@@ -1,195 +1,44 @@
-"""COCO instance segmentation as a LightningDataModule, its collate function and the stage switch.
+"""COCO instance segmentation as a LightningDataModule: the datasets, their loaders, the batch format.
 
-Batch format: ``(images, targets)`` as ``training_step`` / ``validation_step`` receive it:
+Batches: see ``datamodules/collate.py`` (uint8 images and compact masks leave the workers;
+:func:`finalize_batch` normalises and makes dense masks on the device).
 
-* ``images``: (B, 3, S, S) float32, BGR, normalised with ``rtmdet.preprocess.normalize`` (the
-  model input).
-* ``targets``: one dict per image: ``boxes`` (N, 4) float32 xyxy input pixels, ``labels`` (N,)
-  int64 in [0, C), ``masks`` (N, S, S) bool, ``ignore_boxes`` (M, 4) float32 xyxy crowd regions
-  (never targets), ``image_id`` int (COCO id), ``orig_size`` (h, w) and ``scale_factor``
-  (w_scale, h_scale) with original = input / scale_factor (exact for validation's letterbox), and
-  the same as one ``meta``: :class:`rtmdet.preprocess.ImageMeta`, what the postprocess takes.
+Stage switch: the stage lives in :attr:`COCODataModule.train_stage` alone. The training sampler
+reads it when an epoch starts and yields ``TrainIndex`` items (index, stage, random stream);
+:class:`CocoDataset` picks the pipeline from the item, so the stage travels with the indices into
+every worker process (persistent workers too). ``PipelineSwitch`` (``datamodules/pipeline_switch.py``)
+sets the stage from the current epoch.
 
-Where the work happens: the dataloader workers run the transforms and :func:`collate`, which
-yields uint8 RGB images and the masks still as compact crops (:class:`InstanceMasks`), so that
-little travels between processes (dense masks are 0.4 MB per instance at 640^2). After Lightning
-moved the batch to the device, :meth:`COCODataModule.on_after_batch_transfer` calls
-:func:`finalize_batch`: normalisation and dense masks, on the device. Iterating a dataloader by
-hand therefore gives uint8 images and compact masks: call ``finalize_batch(batch)``. A
-LightningModule that overrides ``on_after_batch_transfer`` takes precedence and must call it.
-
-Stage switch: the training sampler yields ``(index, stage)`` pairs and :class:`CocoDataset` picks
-the pipeline from the pair, so the stage travels with the indices into every worker process
-(persistent workers too). :class:`PipelineSwitch` sets the stage from the current epoch.
+Exact resume: an epoch's samples are a function of (seed, rank, epoch) (``datamodules/sampler.py``),
+and the seed and stage are saved in Lightning checkpoints (:meth:`COCODataModule.state_dict`), so a
+run resumed from an epoch-boundary checkpoint (``last.ckpt``) trains on the same samples, step for
+step, as the run that was interrupted.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from typing import Callable, Iterator
-
 import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
 
-from rtmdet.preprocess import ImageMeta, normalize
-
-from .coco import CocoAnnotations, load_sample, problems_message
+from .coco import CocoAnnotations, check_image_files, image_file_problems
+from .collate import collate, finalize_batch
+from .dataset import CocoDataset
 from .errors import DatasetError
-from .masks import InstanceMasks
+from .sampler import TrainLoader, TrainSampler
 from .transforms import Compose, train_pipeline, val_pipeline
 
 
-class CocoDataset(Dataset):
-    """Samples of a :class:`CocoAnnotations` through a transform pipeline.
-
-    ``dataset[i]`` or ``dataset[(i, stage)]``: stage 2 uses ``stage2_pipeline`` (when given), a
-    plain index uses :attr:`stage`. A pipeline may reject a sample (``None``); another random index
-    is drawn then. Transforms draw from one ``numpy.random.Generator`` per process, seeded from the
-    dataloader worker's seed (or ``seed``, else ``torch.initial_seed()``, in the main process), so
-    the Mosaic/MixUp caches (one per worker) are deterministic under a seed.
-    """
-
-    def __init__(self, annotations: CocoAnnotations, pipeline: Callable, stage2_pipeline: Callable | None = None,
-                 seed: int | None = None, max_retries: int = 100):
-        self.annotations, self.pipeline, self.stage2_pipeline = annotations, pipeline, stage2_pipeline
-        self.seed, self.max_retries = seed, max_retries
-        self.stage = 1
-        self._rng: np.random.Generator | None = None
-        self._rng_owner: tuple | None = None
-
-    def __len__(self) -> int:
-        return len(self.annotations.records)
-
-    def load_sample(self, index: int) -> dict:
-        """The untransformed sample of image ``index`` (original size)."""
-        return load_sample(self.annotations.records[index])
-
-    @property
-    def rng(self) -> np.random.Generator:
-        info = get_worker_info()
-        owner = (os.getpid(), None if info is None else (info.id, info.seed))
-        if self._rng_owner != owner:  # a new worker (or process): fresh generator and empty caches
-            seed = info.seed if info is not None else (self.seed if self.seed is not None else torch.initial_seed())
-            self._rng, self._rng_owner = np.random.default_rng(seed), owner
-            for pipeline in (self.pipeline, self.stage2_pipeline):
-                for t in getattr(pipeline, "transforms", []):
-                    if hasattr(t, "cache"):
-                        t.cache.clear()
-        return self._rng
-
-    def __getitem__(self, item) -> dict:
-        index, stage = item if isinstance(item, tuple) else (item, self.stage)
-        pipeline = self.stage2_pipeline if stage == 2 and self.stage2_pipeline is not None else self.pipeline
-        rng = self.rng
-        for _ in range(self.max_retries):
-            sample = pipeline(self.load_sample(int(index)), rng)
-            if sample is not None:
-                return sample
-            index = int(rng.integers(len(self)))
-        raise DatasetError(f"{self.annotations.ann_file}: {self.max_retries} samples in a row were rejected "
-                           f"(no instance left after filtering)")
-
-
-class TrainSampler(Sampler):
-    """Shuffled indices of one epoch, each tagged with the pipeline stage: yields ``(index, stage)``.
-
-    ``stage`` is read once when the epoch's iteration starts, in the main process; the order depends
-    on ``seed`` and the epoch given to ``set_epoch`` (which Lightning calls every epoch).
-    """
-
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, stage: int = 1):
-        self.num_samples, self.seed, self.shuffle, self.stage = num_samples, seed, shuffle, stage
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        stage = self.stage
-        if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(self.num_samples)
-        return iter([(i, stage) for i in order.tolist()])
-
-
-def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
-    """Uninitialised uint8 tensor; inside a dataloader worker it is allocated in shared memory (as
-    PyTorch's ``default_collate`` does), so handing the batch to the main process copies nothing."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    proto = torch.empty(0, dtype=torch.uint8)
-    return proto.new(proto._typed_storage()._new_shared(math.prod(shape), device="cpu")).view(shape)
-
-
-def collate(samples: list[dict]) -> tuple[torch.Tensor, list[dict]]:
-    """Samples (all S x S) -> (uint8 (B, 3, S, S) RGB images, list of target dicts); see module doc.
-
-    ``masks`` stay compact (:class:`InstanceMasks`, the tight crops) until :func:`finalize_batch`:
-    dense masks are ~0.4 MB per instance at 640^2, and shared memory for them costs more than the
-    whole augmentation pipeline when there are dozens of instances.
-    """
-    shapes = {s["image"].shape for s in samples}
-    if len(shapes) != 1:
-        raise ValueError(f"collate needs images of one size, got {sorted(shapes)}")
-    h, w, _ = shapes.pop()
-    images = _shared_uint8((len(samples), 3, h, w))
-    images_np = images.numpy()  # numpy's transposing copy is ~20x faster than torch's permute copy here
-    targets = []
-    for i, s in enumerate(samples):
-        images_np[i] = s["image"].transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-        targets.append({
-            "boxes": torch.tensor(s["boxes"], dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(s["labels"], dtype=torch.int64).reshape(-1),
-            "masks": s["masks"],  # InstanceMasks (N, S, S) until finalize_batch
-            "ignore_boxes": torch.tensor(s["ignore_boxes"], dtype=torch.float32).reshape(-1, 4),
-            "image_id": int(s["image_id"]),
-            "orig_size": tuple(int(v) for v in s["orig_size"]),
-            "scale_factor": tuple(float(v) for v in s["scale_factor"]),
-            "meta": ImageMeta(tuple(int(v) for v in s["orig_size"]), tuple(float(v) for v in s["scale_factor"]),
-                              (h, w), int(s["image_id"])),  # what the postprocess maps back with
-        })
-    return images, targets
-
-
-def finalize_batch(batch: tuple[torch.Tensor, list[dict]], device: torch.device | str | None = None):
-    """A collated batch -> the model's input format, on ``device`` (default: the images' device).
-
-    uint8 RGB images -> float32 BGR normalised (``rtmdet.preprocess.normalize``); compact masks ->
-    (N, S, S) bool tensors, built on the device from the crops. Idempotent. Lightning calls it
-    through :meth:`COCODataModule.on_after_batch_transfer`; call it yourself when iterating a
-    dataloader by hand.
-    """
-    images, targets = batch
-    device = torch.device(device) if device is not None else images.device
-    images = images.to(device)
-    if images.dtype == torch.uint8:
-        images = normalize(images)
-    out = []
-    for t in targets:
-        t = dict(t)
-        if isinstance(t["masks"], InstanceMasks):
-            t["masks"] = t["masks"].to_tensor(device)
-        out.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()})
-    return images, out
-
-
 class COCODataModule(L.LightningDataModule):
-    """COCO-format instance segmentation data with the official RTMDet-Ins pipelines (spec 4.5).
+    """COCO-format instance segmentation data with the official RTMDet-Ins pipelines.
 
     The annotation files are parsed and checked here in ``__init__`` (no image decoding), so
     ``num_classes``, ``class_names``, ``cat_id_to_label`` and ``label_to_cat_id`` are available
     right away; :meth:`validate_images` checks the image files. Training samples go through stage 1
     (Mosaic, RandomResize, RandomCrop, HSV, Flip, Pad, MixUp, Filter) until :class:`PipelineSwitch`
-    selects stage 2; validation letterboxes. Batches: see the module docstring (normalisation and
-    dense masks happen in :meth:`on_after_batch_transfer`).
+    selects stage 2; validation letterboxes. Batches: see ``datamodules/collate.py`` (normalisation
+    and dense masks happen in :meth:`on_after_batch_transfer`).
 
     Args:
         train_ann_file: COCO json of the training set. None (the default): the embedded procedural
@@ -210,10 +59,13 @@ class COCODataModule(L.LightningDataModule):
         mixup_cache: CachedMixUp cache size (tiny 10, others 20).
         mixup_prob: CachedMixUp probability (tiny 0.5, others 1.0).
         cache_random_pop: pop a random cache entry instead of the oldest (tiny False, others True).
-        persistent_workers: keep worker processes (and their caches) alive across epochs.
+        persistent_workers: keep worker processes alive across epochs (no start-up per epoch). The
+            Mosaic/MixUp caches start empty at every epoch either way (see :class:`CocoDataset`).
         pin_memory: pin batches in page-locked memory (for GPU training).
-        seed: seeds the shuffling and the worker generators; None derives them from torch's seed
-            (``lightning.seed_everything``).
+        seed: seeds the shuffling and the transforms' generators; None derives it from torch's seed
+            (``lightning.seed_everything``) when training starts. Checkpoints keep the seed in use,
+            and resuming from one restores it (a different ``seed`` given then is overridden, with a
+            warning).
         check_images: before training (``setup('fit')``) open every train/val image file and stop
             with one :class:`DatasetError` listing all that are missing, not images, truncated or of
             another size than the json says (:meth:`validate_images`, ~1 ms an image). Turn it off
@@ -283,8 +135,8 @@ class COCODataModule(L.LightningDataModule):
         self.label_to_cat_id: dict[int, int] = self.categories.label_to_cat_id
         self.train_dataset: CocoDataset | None = None
         self.val_dataset: CocoDataset | None = None
-        self._train_stage = 1
-        self._train_sampler: TrainSampler | None = None
+        self._train_stage = 1  # the one record of the stage: the sampler reads it at every epoch start
+        self._seed: int | None = seed  # resolved when training starts (see seed), restored by load_state_dict
 
     def _train_pipeline(self, stage: int) -> Compose:
         h = self.hparams
@@ -293,30 +145,41 @@ class COCODataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
-            problems = self.validate_images() if self.hparams.check_images else []
-            if problems:  # now, not hours into the run when the loader reaches the file
-                raise DatasetError(problems_message(f"{len(problems)} image file problem(s); fix or remove "
-                                                    "these images:", problems))
+            if self.hparams.check_images:
+                check_image_files(*self._annotations())
             self.train_dataset = CocoDataset(self.train_annotations, self._train_pipeline(1), self._train_pipeline(2),
                                              seed=self.hparams.seed)
-            self.train_dataset.stage = self._train_stage
         if self.val_annotations is not None and self.val_dataset is None:
             self.val_dataset = CocoDataset(self.val_annotations, val_pipeline(self.hparams.img_size,
                                                                               self.hparams.nearest_resize))
 
-    def _loader(self, dataset: CocoDataset, batch_size: int, sampler: Sampler | None) -> DataLoader:
+    @property
+    def seed(self) -> int:
+        """The seed of the training order and augmentations: ``seed``, else torch's initial seed when
+        first asked (after ``seed_everything``), else the one a restored checkpoint was trained with."""
+        if self._seed is None:
+            self._seed = torch.initial_seed() % 2**31
+        return self._seed
+
+    def _loader(self, dataset: CocoDataset, batch_size: int, sampler: TrainSampler | None) -> DataLoader:
         h = self.hparams
-        generator = torch.Generator().manual_seed(h.seed) if h.seed is not None else None
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=h.num_workers,
-                          collate_fn=collate, pin_memory=h.pin_memory, generator=generator,
-                          persistent_workers=h.persistent_workers and h.num_workers > 0)
+        # The loader's generator draws its workers' seeds (used by items without a stream and by
+        # Lightning's worker_init_fn, not by training items); a seeded one of its own spares torch's
+        # global generator a draw per epoch.
+        generator = torch.Generator().manual_seed(self.seed)
+        loader = TrainLoader if sampler is not None else DataLoader
+        return loader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=h.num_workers,
+                      collate_fn=collate, pin_memory=h.pin_memory, generator=generator,
+                      persistent_workers=h.persistent_workers and h.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
-        seed = self.hparams.seed if self.hparams.seed is not None else torch.initial_seed() % 2**31
-        self._train_sampler = TrainSampler(len(self.train_dataset), seed=seed, stage=self._train_stage)
-        return self._loader(self.train_dataset, self.batch_size, self._train_sampler)
+        rank = 0
+        if self.trainer is not None:  # under DDP every rank must shuffle alike: rank 0's seed for all
+            self._seed, rank = self.trainer.strategy.broadcast(self.seed), self.trainer.global_rank
+        sampler = TrainSampler(len(self.train_dataset), seed=self.seed, get_stage=lambda: self.train_stage, rank=rank)
+        return self._loader(self.train_dataset, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_annotations is None:
@@ -334,6 +197,7 @@ class COCODataModule(L.LightningDataModule):
 
     @property
     def train_stage(self) -> int:
+        """The training pipeline (1 or 2) of the epochs that start from now on."""
         return self._train_stage
 
     def set_train_stage(self, stage: int) -> bool:
@@ -341,49 +205,24 @@ class COCODataModule(L.LightningDataModule):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         changed, self._train_stage = stage != self._train_stage, stage
-        if self._train_sampler is not None:
-            self._train_sampler.stage = stage
-        if self.train_dataset is not None:
-            self.train_dataset.stage = stage
         return changed
+
+    def state_dict(self) -> dict:
+        """What Lightning saves in checkpoints: the seed and the training stage, which with the epoch
+        determine every training sample (``TrainIndex``)."""
+        return {"seed": self.seed, "train_stage": self.train_stage}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (Lightning calls it when resuming, before the dataloaders are made)."""
+        if self.hparams.seed is not None and self.hparams.seed != state["seed"]:
+            rank_zero_warn(f"COCODataModule: resuming with the checkpoint's data seed {state['seed']}, not "
+                           f"seed={self.hparams.seed}: the resumed epochs continue the interrupted run")
+        self._seed = int(state["seed"])
+        self.set_train_stage(int(state["train_stage"]))
+
+    def _annotations(self) -> list[CocoAnnotations]:
+        return [self.train_annotations] + ([self.val_annotations] if self.val_annotations else [])
 
     def validate_images(self) -> list[str]:
         """Check every train/val image file (exists, decodes to the end, size vs json); all problems at once."""
-        anns = [self.train_annotations] + ([self.val_annotations] if self.val_annotations else [])
-        return list(dict.fromkeys(p for a in anns for p in a.validate_images()))  # once if train and val share images
-
-
-class PipelineSwitch(L.Callback):
-    """Switch training to the stage-2 pipeline (no Mosaic / MixUp) for the last epochs.
-
-    mmdet's ``PipelineSwitchHook``: stage 2 from the 0-based epoch ``switch_epoch`` on; by default
-    ``max_epochs - num_last_epochs`` (280 of 300 in the official recipe). The stage is set on the
-    :class:`COCODataModule` at train start (after a checkpoint is restored, so resuming inside
-    stage 2, even mid-epoch, is right) and at every epoch start, before the epoch's dataloader
-    iteration begins; the sampler carries it to the workers.
-    """
-
-    def __init__(self, switch_epoch: int | None = None, num_last_epochs: int = 20):
-        self.switch_epoch, self.num_last_epochs = switch_epoch, num_last_epochs
-
-    def resolve_switch_epoch(self, trainer: L.Trainer) -> int:
-        if self.switch_epoch is not None:
-            return self.switch_epoch
-        if trainer.max_epochs is None or trainer.max_epochs < 0:
-            raise ValueError("PipelineSwitch needs switch_epoch when max_epochs is not set")
-        return max(trainer.max_epochs - self.num_last_epochs, 0)
-
-    def _apply(self, trainer: L.Trainer) -> None:
-        dm = trainer.datamodule
-        if not hasattr(dm, "set_train_stage"):
-            raise TypeError("PipelineSwitch needs a datamodule with set_train_stage (COCODataModule)")
-        switch = self.resolve_switch_epoch(trainer)
-        if dm.set_train_stage(2 if trainer.current_epoch >= switch else 1):
-            rank_zero_info(f"PipelineSwitch: epoch {trainer.current_epoch}: training pipeline stage "
-                           f"{dm.train_stage} (switch epoch {switch})")
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._apply(trainer)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._apply(trainer)
+        return image_file_problems(*self._annotations())

@@ -333,6 +333,12 @@ def _annotation(mask: np.ndarray, label: int, image_id: int, ann_id: int) -> dic
             "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}}
 
 
+def split_paths(out_dir: str | Path, split_name: str) -> tuple[Path, Path]:
+    """(annotation file, image folder) of one split in the layout of the module docstring."""
+    out_dir = Path(out_dir)
+    return out_dir / "annotations" / f"{split_name}.json", out_dir / split_name
+
+
 def generate_sprite_dataset(out_dir: str | Path, num_images: int, image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
                             seed: int = 0, split_name: str = "train") -> Path:
     """Write ``out_dir/<split_name>/NNNNNN.png`` and ``out_dir/annotations/<split_name>.json``.
@@ -341,8 +347,7 @@ def generate_sprite_dataset(out_dir: str | Path, num_images: int, image_size: in
     Returns the annotation file path.
     """
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    out_dir = Path(out_dir)
-    img_dir, ann_file = out_dir / split_name, out_dir / "annotations" / f"{split_name}.json"
+    ann_file, img_dir = split_paths(out_dir, split_name)
     img_dir.mkdir(parents=True, exist_ok=True)
     ann_file.parent.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
@@ -363,11 +368,6 @@ def generate_sprite_dataset(out_dir: str | Path, num_images: int, image_size: in
     return ann_file
 
 
-def _default_paths(folder: Path) -> dict[str, str]:
-    return {f"{split}_{key}": str(folder / path) for split in ("train", "val")
-            for key, path in (("ann_file", f"annotations/{split}.json"), ("img_dir", split))}
-
-
 def default_sprite_dataset(root: str | Path | None = None) -> dict[str, str]:
     """The default train/val sprite dataset under ``<root>/sprites-<version>``, generated on first use.
 
@@ -381,7 +381,8 @@ def default_sprite_dataset(root: str | Path | None = None) -> dict[str, str]:
     if root is None:
         root = os.environ.get("RTMDET_DATA") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rtmdet"
     folder = Path(root).expanduser() / f"sprites-{GENERATOR_VERSION}"
-    paths = _default_paths(folder)
+    paths = {f"{split}_{key}": str(path) for split in ("train", "val")
+             for key, path in zip(("ann_file", "img_dir"), split_paths(folder, split))}
     if all(Path(p).exists() for p in paths.values()):
         return paths
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules import CocoAnnotations, CocoDataset, DatasetError, collate, load_image, val_pipeline
-from datamodules.coco import problems_message
+from datamodules.coco import check_image_files
 from experiments.errors import check_img_size, cli_error_message
 from experiments.tiling_options import (
     ImagePredictor,
@@ -78,10 +78,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     img_size = args.img_size or loaded.img_size or 640
     nearest = args.nearest if args.nearest is not None else bool(loaded.nearest_resize)
     annotations = CocoAnnotations(args.ann_file, args.img_dir)
-    problems = annotations.validate_images() if args.check_images else []
-    if problems:
-        raise DatasetError(problems_message(f"{len(problems)} image file problem(s); fix or remove these images:",
-                                            problems))
+    if args.check_images:
+        check_image_files(annotations)
     categories = annotations.categories
     if categories.num_classes != model.num_classes:
         raise DatasetError(f"{args.ann_file} has {categories.num_classes} categories, but {args.ckpt} predicts "

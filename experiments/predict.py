@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageOps
 
 from datamodules import DatasetError, load_image
+from datamodules.coco import has_transparency
 from rtmdet import SIZES, CheckpointError, preprocess
 from experiments.errors import check_img_size
 from experiments.tiling_options import ImagePredictor, add_tiling_arguments, cap_report, check_tiling_arguments
@@ -81,7 +82,7 @@ def list_inputs(path: Path) -> list[Path]:
 def read_rgba(path: Path) -> np.ndarray | None:
     """The image as RGBA (H, W, 4) when it has transparency (for the cut-outs' alpha), else None."""
     with Image.open(path) as im:
-        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        if has_transparency(im):
             return np.array(ImageOps.exif_transpose(im).convert("RGBA"))
     return None
 

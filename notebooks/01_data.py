@@ -20,7 +20,7 @@
 #
 # 1. browse a few images with their instance masks and boxes;
 # 2. class and size statistics (instances per class, box sizes, instances per image);
-# 3. each training transform of `datamodules/transforms.py` on one fixed sample, then the full
+# 3. each training transform of `datamodules/transforms/` on one fixed sample, then the full
 #    stage-1 and stage-2 pipelines and the validation letterbox, and the batch the model receives.
 #
 # By default this is the embedded procedural sprite dataset (`datamodules/sprites.py`: 8 classes,
@@ -200,8 +200,8 @@ plt.show()
 # %% [markdown]
 # ## The full pipelines, as training sees them
 #
-# The DataModule's training dataset picks the pipeline from the `(index, stage)` pair its sampler
-# yields: stage 1 (above, with Mosaic and MixUp) for most epochs, stage 2 (RandomResize(S) →
+# The DataModule's training dataset picks the pipeline from the `(index, stage, random stream)` items
+# its sampler yields: stage 1 (above, with Mosaic and MixUp) for most epochs, stage 2 (RandomResize(S) →
 # RandomCrop → Filter → HSV → Flip → Pad: no Mosaic, no MixUp) for the last ones, switched by the
 # `PipelineSwitch` callback. Validation only letterboxes: keep-ratio resize to fit S, pad with 114.
 # The first samples of stage 1 are still warming the Mosaic cache (plain resize-crops), so the figure

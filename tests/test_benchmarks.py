@@ -6,6 +6,7 @@ A smoke test of the benchmark code (tiny inputs, one or two iterations), not a m
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,17 @@ def test_part_selection_and_missing_mmdet_python():
     assert out["parts"] == ["data_pipeline"] and "latency" not in out
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--mmdet-python", "/nonexistent/python"],
                           cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and "mmdet 3.3.0" in proc.stderr
+    assert proc.returncode == 2 and "mmdet 3.3.0" in proc.stderr and "/nonexistent/python not found" in proc.stderr
+
+
+@pytest.mark.parametrize("command", [["benchmarks", "--side-by-side"], ["benchmarks.side_by_side"]])
+def test_side_by_side_without_an_mmdet_python_says_how_to_give_one(command):
+    """No machine-specific default: without the flag or the variable the run stops before any work."""
+    env = {k: v for k, v in os.environ.items() if k != "RTMDET_MMDET_PYTHON"}
+    proc = subprocess.run([sys.executable, "-m", *command, "--quick"], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--mmdet-python" in proc.stderr and "$RTMDET_MMDET_PYTHON" in proc.stderr
 
 
 @pytest.mark.parity

@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from datamodules.coco import CocoAnnotations, DatasetError, load_image, load_sample
+from datamodules.coco import CocoAnnotations, DatasetError, has_transparency, load_image, load_sample
 from datamodules.masks import decode_masks, rle_counts
 from tests._coco_factory import make_coco
 
@@ -135,6 +136,29 @@ def test_image_modes_load_as_rgb(tmp_path):
 
     deep = Image.fromarray(np.full((3, 4), 65535, np.uint16))
     np.testing.assert_array_equal(load_image(save_image(tmp_path / "i16.png", deep)), np.full((3, 4, 3), 255))
+
+
+def test_transparency_is_one_rule_for_loading_and_cutouts(tmp_path):
+    """``has_transparency`` decides both the grey compositing of ``load_image`` and whether
+    ``experiments.predict`` keeps the alpha for its cut-outs."""
+    from experiments.predict import read_rgba
+
+    pt = Image.new("P", (4, 3), 0)
+    pt.putpalette([9, 9, 9] + [0] * 765)
+    cases = {"rgba.png": (Image.new("RGBA", (4, 3)), {}), "la.png": (Image.new("LA", (4, 3)), {}),
+             "pt.png": (pt, {"transparency": 0}), "lt.png": (Image.new("L", (4, 3)), {"transparency": 0}),
+             "rgb.png": (Image.new("RGB", (4, 3)), {}), "l.png": (Image.new("L", (4, 3)), {}),
+             "p.png": (pt, {})}
+    for name, (image, kw) in cases.items():
+        path = save_image(tmp_path / name, image, **kw)
+        with Image.open(path) as im:
+            transparent = has_transparency(im)
+        assert transparent == (name in ("rgba.png", "la.png", "pt.png", "lt.png")), name
+        rgba = read_rgba(Path(path))
+        assert (rgba is not None) == transparent, name
+        if transparent:  # fully transparent everywhere: loaded as the pad grey, cut out with alpha 0
+            assert rgba.shape == (3, 4, 4) and (rgba[..., 3] == 0).all(), name
+            np.testing.assert_array_equal(load_image(path), np.full((3, 4, 3), 114))
 
 
 def test_exif_orientation(tmp_path):

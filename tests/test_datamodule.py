@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import COCODataModule, InstanceMasks, PipelineSwitch, TrainSampler, collate, finalize_batch
+from datamodules import (COCODataModule, InstanceMasks, PipelineSwitch, TrainIndex, TrainSampler, collate,
+                         finalize_batch)
 from rtmdet.preprocess import STD_BGR, MEAN_BGR, letterbox, normalize
 from tests._coco_factory import make_coco
 
@@ -103,14 +104,59 @@ def test_finalize_batch_and_collate_of_empty_samples():
     torch.testing.assert_close(x[0, :, 0, 0], expected)
 
 
-def test_sampler_tags_indices_with_the_stage():
-    s = TrainSampler(5, seed=3)
+def test_sampler_tags_indices_with_the_stage_and_the_epoch_stream():
+    stage = [1]
+    s = TrainSampler(5, seed=3, get_stage=lambda: stage[0], rank=1)
     first = list(s)
-    assert sorted(i for i, _ in first) == list(range(5)) and {st for _, st in first} == {1}
-    s.stage = 2
-    assert list(s) == [(i, 2) for i, _ in first]  # same epoch: same order
+    assert sorted(i for i, _, _ in first) == list(range(5)) and {st for _, st, _ in first} == {1}
+    assert {stream for _, _, stream in first} == {(3, 1, 0)}  # (seed, rank, epoch)
+    stage[0] = 2  # read when an epoch's iteration starts
+    assert list(s) == [TrainIndex(i, 2, (3, 1, 0)) for i, _, _ in first]  # same epoch: same order
     s.set_epoch(1)
-    assert [i for i, _ in s] != [i for i, _ in first]
+    second = list(s)
+    assert [i for i, _, _ in second] != [i for i, _, _ in first] and second[0].stream == (3, 1, 1)
+    s.set_epoch(0)
+    assert [i for i, _, _ in s] == [i for i, _, _ in first]  # the order is a function of (seed, epoch)
+    assert [i for i, _, _ in TrainSampler(5, seed=3, rank=0)] == [i for i, _, _ in first]  # not of the rank
+
+
+def epoch_batches(loader, epoch: int) -> list:
+    """The batches of one epoch, in Lightning's order: ``iter()`` first, then ``set_epoch``."""
+    it = iter(loader)
+    loader.sampler.set_epoch(epoch)
+    return [(images, [(t["image_id"], t["boxes"], t["masks"].to_array()) for t in targets]) for images, targets in it]
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for (images_a, targets_a), (images_b, targets_b) in zip(a, b):
+        assert torch.equal(images_a, images_b)
+        for (id_a, boxes_a, masks_a), (id_b, boxes_b, masks_b) in zip(targets_a, targets_b):
+            assert id_a == id_b and torch.equal(boxes_a, boxes_b) and np.array_equal(masks_a, masks_b)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_epochs_samples_depend_on_the_seed_and_the_epoch_only(data, num_workers):
+    """Epoch 1 made after epoch 0 (persistent workers, Mosaic/MixUp caches full) equals epoch 1 made
+    first by a fresh datamodule, as after a resume; the DataModule's state carries the seed."""
+    dm = make_dm(data, num_workers=num_workers, seed=None)
+    torch.manual_seed(5)  # a seed=None datamodule takes torch's seed when training starts
+    loader = dm.train_dataloader()
+    first, second = epoch_batches(loader, 0), epoch_batches(loader, 1)
+    assert not torch.equal(first[0][0], second[0][0])
+    assert dm.state_dict() == {"seed": 5, "train_stage": 1}
+
+    resumed = make_dm(data, num_workers=num_workers, seed=None)
+    torch.manual_seed(6)
+    resumed.load_state_dict(dm.state_dict())
+    assert_same_batches(epoch_batches(resumed.train_dataloader(), 1), second)
+
+
+def test_resuming_with_another_explicit_seed_keeps_the_checkpoints(data):
+    dm = make_dm(data, seed=3)
+    with pytest.warns(UserWarning, match="checkpoint's data seed 7"):
+        dm.load_state_dict({"seed": 7, "train_stage": 2})
+    assert (dm.seed, dm.train_stage) == (7, 2)
 
 
 class Marker:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from datamodules.datamodule import COCODataModule, PipelineSwitch
+from datamodules import COCODataModule, PipelineSwitch
 from datamodules.sprites import generate_sprite_dataset
 from rtmdet import build_model
 from rtmdet.lightning_module import RTMDetInsModule
