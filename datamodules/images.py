@@ -57,10 +57,9 @@ def pixel_limit() -> int | None:
     return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
 
 
-def _limit_message(image_id, path: str, size: tuple[int, int] | None, limit: int | None) -> str:
-    what = f"is {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else "is too large"
-    return (f"image {image_id}: {path} {what}, over the limit of {limit:,} pixels (PIL's decompression-bomb "
-            f"guard); if the file is trusted, raise it with {MAX_PIXELS_ENV}=N (0: no limit)")
+def _limit_message(image_id, path: str, pixels: int, limit: int) -> str:
+    return (f"image {image_id}: {path} has {pixels:,} pixels, over the limit of {limit:,} (PIL's "
+            f"decompression-bomb guard); if the file is trusted, raise it with {MAX_PIXELS_ENV}=N (0: no limit)")
 
 
 def open_image(path: str, image_id=None) -> Image.Image:
@@ -74,15 +73,16 @@ def open_image(path: str, image_id=None) -> Image.Image:
         im = Image.open(path)
     except FileNotFoundError:
         raise DatasetError(f"image {image_id}: file not found: {path}") from None
-    except Image.DecompressionBombError:
-        raise DatasetError(_limit_message(image_id, path, None, limit)) from None
+    except Image.DecompressionBombError as e:  # PIL's own check, before the size is ours to read
+        pixels = int(str(e).split("(", 1)[1].split()[0]) if str(e).startswith("Image size (") else -1
+        raise DatasetError(_limit_message(image_id, path, pixels, limit or 0)) from None
     except DatasetError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for files that are not images
         raise DatasetError(f"image {image_id}: cannot read {path}: {type(e).__name__}: {e}") from None
     if limit is not None and im.width * im.height > limit:
         im.close()
-        raise DatasetError(_limit_message(image_id, path, im.size, limit))
+        raise DatasetError(_limit_message(image_id, path, im.width * im.height, limit))
     return im
 
 
@@ -157,7 +157,7 @@ def image_file_problem(path: str, image_id, height: int, width: int) -> str | No
         with open_image(path, image_id) as im:  # (after verify an image must be reopened)
             w, h = im.size
             if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF transposes: either size is fine
-                h, w = (w, h) if (w, h) == (width, height) else (h, w)
+                h, w = (w, h) if (w, h) == (height, width) else (h, w)
             if im.format != "PNG":
                 im.draft(im.mode, (1, 1))
                 im.load()

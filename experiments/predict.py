@@ -13,8 +13,10 @@ Writes into DIR:
   input list, ``file_name``, ``category_id`` = contiguous label 0..C-1, ``category_name``, ``bbox``
   [x, y, w, h], ``score``, ``segmentation`` RLE, ``area``, ``cutout`` path relative to DIR).
 
-A folder is read non-recursively (image extensions only). Unreadable files are skipped and listed
-at the end; the exit status is 1 only if no image could be read. Input size and resize mode default
+A folder is read non-recursively (image extensions only). Unreadable files (empty, not an image,
+truncated, over the pixel limit that ``RTMDET_MAX_IMAGE_PIXELS=N`` raises) are skipped and listed
+at the end; the exit status is 1 only if no image could be read. Every PIL mode is read as
+``datamodules.images`` describes (multi-frame GIF/TIFF: the first frame, with a note on stderr). Input size and resize mode default
 to those the checkpoint was validated with (Lightning checkpoints), else 640 and bilinear.
 """
 
@@ -31,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from datamodules import DatasetError, load_image
+from datamodules import DatasetError
+from datamodules.images import load_image_noted
 from rtmdet import SIZES, CheckpointError, preprocess
 from experiments.errors import check_img_size
 from experiments.visualize import draw_overlay
@@ -102,20 +105,28 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]
 
     def flush():
         nonlocal done
-        images, metas = preprocess([im for _, _, im in batch], img_size, nearest)
-        with torch.inference_mode():
-            preds = model.predict(images.to(args.device), metas)
-        for (image_id, path, image), pred in zip(batch, preds):
-            results.extend(_save_image(image_id, path, image, pred, stems[path], names, out_dir))
-            done += 1
+        saved = 0
+        try:  # one file must not end the folder: what fails here (e.g. out of memory) is listed
+            images, metas = preprocess([im for _, _, im in batch], img_size, nearest)
+            with torch.inference_mode():
+                preds = model.predict(images.to(args.device), metas)
+            for (image_id, path, image), pred in zip(batch, preds):
+                results.extend(_save_image(image_id, path, image, pred, stems[path], names, out_dir))
+                saved += 1
+        except Exception as e:  # noqa: BLE001 - listed with the unreadable files
+            failures.extend((str(p), f"{type(e).__name__}: {e}") for _, p, _ in batch[saved:])
+        done += saved
         batch.clear()
 
     for image_id, path in enumerate(files, start=1):
         try:
-            batch.append((image_id, path, load_image(str(path), image_id)))
+            image, notes = load_image_noted(str(path), image_id)  # notes: e.g. which frame of a GIF is used
+            batch.append((image_id, path, image))
         except DatasetError as e:
             failures.append((str(path), str(e).split(": ", 1)[-1]))
             continue
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         if len(batch) == args.batch_size:
             flush()
     if batch:
