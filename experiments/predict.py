@@ -16,8 +16,9 @@ Writes into DIR:
 A folder is read non-recursively (image extensions only). Unreadable files (empty, not an image,
 truncated, over the pixel limit that ``RTMDET_MAX_IMAGE_PIXELS=N`` raises) are skipped and listed
 at the end; the exit status is 1 only if no image could be read. Every PIL mode is read as
-``datamodules.images`` describes (multi-frame GIF/TIFF: the first frame, with a note on stderr). Input size and resize mode default
-to those the checkpoint was validated with (Lightning checkpoints), else 640 and bilinear.
+``datamodules.images`` describes (multi-frame GIF/TIFF: the first frame, with a note on stderr).
+Input size and resize mode default to those the checkpoint was validated with (Lightning
+checkpoints), else 640 and bilinear.
 """
 
 from __future__ import annotations

@@ -171,7 +171,8 @@ def geometry(draw):
             a["segmentation"] = {"size": [H, W], "counts": counts_list + [max(H * W - sum(counts_list), 0)]}
         else:
             a["iscrowd"] = 1 - a.get("iscrowd", 0) if a.get("iscrowd", 0) in (0, 1) else 0
-    return Mutation(f"annotations[{i}]: {kind} ({bbox=}, {polygon=}, {h=}, {w=}, {counts_string=}, {counts_list=})", apply)
+    return Mutation(f"annotations[{i}]: {kind} ({bbox=}, {polygon=}, {h=}, {w=}, {counts_string=}, {counts_list=})",
+                    apply)
 
 
 @st.composite
