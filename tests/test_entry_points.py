@@ -322,8 +322,9 @@ def test_export_torch_program(ws, tmp_path):
     path = tmp_path / "model.pt2"
     assert export.main(["--ckpt", str(ws["ckpt"]), "--output", str(path), "--img-size", str(S)]) == 0
     images = torch.randn(3, 3, S, S)
+    program = torch.export.load(str(path)).module()
     with torch.no_grad():
-        outputs = torch.export.load(str(path)).module()(images)
+        outputs = program(images)
         expected = export.ExportWrapper(ws["model"])(images)
     for out, ref in zip(outputs, expected):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -331,7 +332,7 @@ def test_export_torch_program(ws, tmp_path):
     files = sorted(ws["img_dir"].glob("*.png"))[:2]
     batch, metas = preprocess([np.array(Image.open(f).convert("RGB")) for f in files], S)
     with torch.no_grad():
-        exported = torch.export.load(str(path)).module()(batch)
+        exported = program(batch)
         assert_same_instances(instances_of_export(exported, ws["model"], metas), ws["model"].predict(batch, metas))
 
 
