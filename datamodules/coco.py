@@ -11,8 +11,9 @@ checks the image files (exist, decode, size as in the json) and returns every pr
 Degenerate annotations are skipped with one warning that counts them by reason: boxes under 1 px
 or outside the image, polygons without a part of >= 3 points (parts under 3 points or of odd
 length are dropped), polygons wholly outside the image, empty RLE masks. Polygon parts reaching
-further than one image size outside the image are clipped to that margin (exact inside the image;
-pycocotools' rasteriser allocates by perimeter and crashes on far-away vertices). ``iscrowd``
+further than one image size outside the image are clipped to that margin (pycocotools' rasteriser
+allocates by perimeter and crashes on far-away vertices; inside the image the clipped part covers
+the same pixels up to rounding along the cut edges). ``iscrowd``
 instances become ``ignore_boxes``, never targets (mmdet's assigner and losses ignore them); a crowd
 region without a usable segmentation is its box. Category ids of any kind map to labels 0..C-1 in
 sorted id order (:class:`CategoryMap`).

@@ -4,6 +4,7 @@ Masks are stored as the crop of each instance's box plus its offset, so crops, f
 translations only touch the pixels of each instance, and a sprite sheet with hundreds of small
 instances costs memory in proportion to their area, not N x H x W. :func:`decode_masks` decodes
 polygons and RLE (compressed or not) straight into such crops, identical to pycocotools' ``annToMask``.
+:func:`clip_polygon` cuts a polygon to a rectangle (for vertices too far away for pycocotools).
 """
 
 from __future__ import annotations
