@@ -1,19 +1,31 @@
-"""COCO-format instance annotations -> training samples (image, boxes, labels, masks).
+"""COCO-format instance annotations -> training samples (image, boxes, labels, masks) and the
+ground truth that COCO evaluation compares with: one rule set for what counts as an instance.
 
 :class:`CocoAnnotations` parses and checks an annotation file at construction, without decoding
-images: missing keys, bad or duplicate ids, unknown image or category ids, malformed boxes and
-masks are all collected and raised as one :class:`DatasetError`, one line per problem naming the
-file and the id (a file that is not JSON, or lacks a top-level key, raises at once).
-:meth:`CocoAnnotations.validate_images` checks the image files (exist, decode, size as in the
-json) and returns every problem. Degenerate annotations (polygons under 3 points, boxes under 1 px or
-outside the image, empty RLE masks) are skipped with one warning that counts them. ``iscrowd``
-instances become ``ignore_boxes``, never targets (mmdet's assigner and losses ignore them).
-Category ids of any kind map to labels 0..C-1 in sorted id order (:class:`CategoryMap`).
+images: missing keys, bad, duplicate or out-of-range ids, unknown image or category ids, image
+sizes that are not whole numbers, malformed boxes, ``iscrowd`` flags and masks are all collected
+and raised as one :class:`DatasetError`, one line per problem naming the file and the id (a file
+that is not JSON, or lacks a top-level key, raises at once). :meth:`CocoAnnotations.validate_images`
+checks the image files (exist, decode, size as in the json) and returns every problem.
 
-Images load as RGB uint8 (:func:`load_image`): EXIF orientation applied; grey, palette and CMYK
-converted; transparent images (RGBA, LA, palette or grey with a transparency key) composited onto
-the pad grey 114, so transparent areas look like padding; 16-bit grey scaled to 8 bits. Masks
-decode from RLE straight into tight crops (:class:`InstanceMasks`, in ``masks.py``), never as full frames.
+Degenerate annotations are skipped with one warning that counts them by reason: boxes under 1 px
+or outside the image, polygons without a part of >= 3 points (parts under 3 points or of odd
+length are dropped), polygons wholly outside the image, empty RLE masks. Polygon parts reaching
+further than one image size outside the image are clipped to that margin (pycocotools' rasteriser
+allocates by perimeter and crashes on far-away vertices; inside the image the clipped part covers
+the same pixels up to rounding along the cut edges). ``iscrowd``
+instances become ``ignore_boxes``, never targets (mmdet's assigner and losses ignore them); a crowd
+region without a usable segmentation is its box. Category ids of any kind map to labels 0..C-1 in
+sorted id order (:class:`CategoryMap`).
+
+:class:`CocoGroundTruth` applies the same rules and keeps what passes as a COCO dict, with the
+file's image and category ids: ``rtmdet.coco_eval.COCOMetric`` evaluates against it, so every file
+the loader accepts evaluates (pycocotools itself reads a 4-number polygon as a box and fails inside
+``COCOeval.evaluate``; it also needs ``area``, ``iscrowd`` and a crowd's segmentation).
+
+Images load as RGB uint8 (:func:`load_image`, in ``images.py``: EXIF, every PIL mode, multi-frame
+files, the pixel limit). Masks decode from RLE straight into tight crops (:class:`InstanceMasks`,
+in ``masks.py``), never as full frames.
 """
 
 from __future__ import annotations
@@ -27,14 +39,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
-from pycocotools import mask as mask_utils
-
-from rtmdet.preprocess import PAD_VALUE
 
 from .errors import DatasetError
-from .masks import decode_masks
+from .images import image_file_problem, load_image
+from .masks import clip_polygon, decode_masks, rle_counts
 
+__all__ = ["CategoryMap", "CocoAnnotations", "CocoGroundTruth", "DatasetError", "ImageRecord", "load_image",
+           "load_sample", "problems_message"]
+
+ID_RANGE = 2**63  # ids are int64 tensors in batches and metric states
+MAX_PIXELS = 2**32  # COCO RLE run lengths are 32-bit: a larger image cannot be encoded
 
 @dataclass(frozen=True)
 class CategoryMap:
@@ -91,27 +105,69 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value) -> bool:
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def _is_numbers(values) -> bool:
     """A list of finite numbers. One ``sum`` (TypeError for anything else) keeps COCO's ~1M polygons fast."""
     try:
         return isinstance(values, (list, tuple)) and math.isfinite(sum(values))
-    except TypeError:
+    except (TypeError, OverflowError):
         return False
+
+
+def _id_problem(value) -> str | None:
+    """Why ``value`` is not a usable id, or None."""
+    if not _is_int(value):
+        return "is not an integer"
+    if not -ID_RANGE <= value < ID_RANGE:
+        return "is outside the 64-bit integer range"
+    return None
+
+
+def _rle_string_counts(counts: str | bytes, h: int, w: int) -> np.ndarray:
+    """Run lengths of a compressed RLE string, checked so that pycocotools decodes it safely.
+
+    pycocotools trusts the string: characters outside '0'..'o', a number cut short, a negative or
+    over-long run make it read or write past its buffers. Raises ValueError saying what is wrong.
+    """
+    raw = counts.encode("utf-8") if isinstance(counts, str) else bytes(counts)
+    c = np.frombuffer(raw, np.uint8).astype(np.int64) - 48
+    if len(c) and (c.min() < 0 or c.max() > 63):
+        raise ValueError("has a malformed compressed RLE (characters outside '0'..'o')")
+    more = (c & 0x20) != 0  # "another 5-bit chunk follows"
+    if len(c) and more[-1]:
+        raise ValueError("has a malformed compressed RLE (the last number is cut short)")
+    ends = np.flatnonzero(~more)
+    if len(ends) and np.diff(np.r_[-1, ends]).max() > 7:  # 7 chunks hold any 32-bit run (and its sign)
+        raise ValueError("has a malformed compressed RLE (a run longer than 32 bits)")
+    runs = rle_counts([raw])[0] if len(c) else np.zeros(0, np.int64)
+    if len(runs) and (runs.min() < 0 or runs.max() >= 2**32):
+        raise ValueError("has malformed RLE counts (a run is negative or over 32 bits)")
+    if runs.sum() != h * w:
+        raise ValueError(f"has malformed RLE counts (sum {runs.sum()}, the image has {h * w} pixels)")
+    return runs
 
 
 class CocoAnnotations:
     """A checked COCO instance annotation file; ``records`` holds one :class:`ImageRecord` per image.
 
+    ``ann_file``: the json's path, or its already-parsed dict (named "annotation dict" in messages).
     ``min_size``: drop images whose width or height is below it (mmdet ``filter_cfg.min_size``).
     ``keep_empty``: keep images without usable instances (negatives / evaluation images).
     Problems are collected while parsing and raised together at the end as one :class:`DatasetError`
     (the message alone when there is one), so that a single run shows everything to fix.
     """
 
-    def __init__(self, ann_file: str | os.PathLike, img_dir: str | os.PathLike, min_size: int = 0,
+    def __init__(self, ann_file: str | os.PathLike | dict, img_dir: str | os.PathLike, min_size: int = 0,
                  keep_empty: bool = True):
-        self.ann_file, self.img_dir = str(ann_file), str(img_dir)
-        data = self._read_json()  # not JSON, or a top-level key missing: raises at once
+        self.ann_file = "annotation dict" if isinstance(ann_file, dict) else str(ann_file)
+        self.img_dir = str(img_dir)
+        data = self._read_json(ann_file)  # not JSON, or a top-level key missing: raises at once
         self._problems: list[str] = []
         self.categories, category_ids = self._check_categories(data["categories"])
         images, image_ids = self._check_images(data["images"])
@@ -128,14 +184,19 @@ class CocoAnnotations:
             warnings.warn(f"{self.ann_file}: skipped {n} degenerate annotation(s) ({reasons})", stacklevel=2)
         self.records = [r for r in self.records if min(r.height, r.width) >= min_size and (keep_empty or len(r.labels))]
 
-    def _read_json(self) -> dict:
-        try:
-            with open(self.ann_file, "rb") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise DatasetError(f"annotation file not found: {self.ann_file}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DatasetError(f"{self.ann_file}: not valid JSON ({e})") from None
+    def _read_json(self, source) -> dict:
+        if isinstance(source, dict):
+            data = source
+        else:
+            try:
+                with open(self.ann_file, "rb") as f:
+                    data = json.load(f)
+            except FileNotFoundError:
+                raise DatasetError(f"annotation file not found: {self.ann_file}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DatasetError(f"{self.ann_file}: not valid JSON ({e})") from None
+            except RecursionError:
+                raise DatasetError(f"{self.ann_file}: not valid JSON (nested too deeply)") from None
         if not isinstance(data, dict):
             raise DatasetError(f"{self.ann_file}: expected a JSON object with images/annotations/categories")
         for key in ("images", "annotations", "categories"):
@@ -165,8 +226,9 @@ class CocoAnnotations:
         for i, c in enumerate(entries):
             complete = self._has(c, ("id", "name"), f"category entry #{i}")
             cat_id = c.get("id") if isinstance(c, dict) else None
-            if complete and not _is_int(cat_id):
-                self._problem(f"category id {cat_id!r} is not an integer")
+            bad_id = _id_problem(cat_id)
+            if complete and bad_id:
+                self._problem(f"category id {cat_id!r} {bad_id}")
             elif complete and cat_id in ids:
                 self._problem(f"duplicate category id {cat_id}")
             elif complete:
@@ -184,8 +246,9 @@ class CocoAnnotations:
             if not self._has(im, ("id",), f"image entry #{i}"):
                 continue
             image_id = im["id"]
-            if not _is_int(image_id):
-                self._problem(f"image id {image_id!r} is not an integer")
+            bad_id = _id_problem(image_id)
+            if bad_id:
+                self._problem(f"image id {image_id!r} {bad_id}")
                 continue
             if image_id in seen:
                 self._problem(f"duplicate image id {image_id} (file_name {seen[image_id].get('file_name')!r} "
@@ -194,10 +257,13 @@ class CocoAnnotations:
             seen[image_id] = im
             if not self._has(im, ("file_name", "height", "width"), f"image {image_id}"):
                 continue
+            h, w = im["height"], im["width"]
             if not (isinstance(im["file_name"], str) and im["file_name"]):
                 self._problem(f"image {image_id} has file_name {im['file_name']!r}")
-            elif not (_is_numbers([im["height"], im["width"]]) and min(im["height"], im["width"]) >= 1):
-                self._problem(f"image {image_id} has size {im['width']}x{im['height']}")
+            elif not (_is_number(h) and _is_number(w) and h == int(h) >= 1 and w == int(w) >= 1):
+                self._problem(f"image {image_id} has size {w!r}x{h!r} (width x height must be whole numbers >= 1)")
+            elif h * w >= MAX_PIXELS:
+                self._problem(f"image {image_id} has size {w}x{h}: 2^32 pixels or more, beyond COCO RLE's 32-bit runs")
             else:
                 images[image_id] = im
         return images, set(seen)
@@ -209,7 +275,7 @@ class CocoAnnotations:
         known = self.categories.cat_id_to_label
         seen = {}  # annotation id -> its image id
         for i, a in enumerate(entries):
-            what = f"annotation {a['id']}" if isinstance(a, dict) and "id" in a else f"annotation entry #{i}"
+            what = f"annotation {a['id']!r}" if isinstance(a, dict) and "id" in a else f"annotation entry #{i}"
             if not self._has(a, ("id", "image_id"), what):
                 continue
             ann_id, image_id = a["id"], a["image_id"]
@@ -217,15 +283,19 @@ class CocoAnnotations:
                 self._problem(f"{what} refers to unknown image_id {image_id!r}")
                 continue
             where = f"{what} (image {image_id})"
-            required = ("category_id", "bbox") if a.get("iscrowd", 0) else ("category_id", "bbox", "segmentation")
+            crowd = a.get("iscrowd", 0)
+            required = ("category_id", "bbox") if crowd else ("category_id", "bbox", "segmentation")
             problems = len(self._problems)
             self._has(a, required, where)
-            if not _is_int(ann_id):
-                self._problem(f"annotation id {ann_id!r} (image {image_id}) is not an integer")
+            bad_id = _id_problem(ann_id)
+            if bad_id:
+                self._problem(f"annotation id {ann_id!r} (image {image_id}) {bad_id}")
             elif ann_id in seen:
                 self._problem(f"duplicate annotation id {ann_id} (images {seen[ann_id]} and {image_id})")
             else:
                 seen[ann_id] = image_id
+            if crowd not in (0, 1):  # (True and 1.0 are 1)
+                self._problem(f"{where} has iscrowd {crowd!r}; expected 0 or 1")
             if "category_id" in a and not (_is_int(a["category_id"]) and a["category_id"] in category_ids):
                 self._problem(f"{where} has unknown category_id {a['category_id']!r}; categories are {list(known)}")
             if "bbox" in a and not (_is_numbers(a["bbox"]) and len(a["bbox"]) == 4):
@@ -249,42 +319,62 @@ class CocoAnnotations:
             if box[2] <= box[0] or box[3] <= box[1]:
                 self.skipped["box outside the image"] += 1
                 continue
-            if a.get("iscrowd", 0):
+            crowd = bool(a.get("iscrowd", 0))
+            seg, degenerate = None, None
+            if not crowd or a.get("segmentation") is not None:
+                problems = len(self._problems)
+                seg, degenerate = self._check_segmentation(a["segmentation"], h, w, what)
+                if len(self._problems) > problems:
+                    continue
+            if crowd:  # an ignore region; the box when its segmentation is missing or degenerate
                 ignore.append(box)
+                self._accepted(a, im, seg if seg is not None else [[box[0], box[1], box[2], box[1], box[2], box[3],
+                                                                      box[0], box[3]]])
                 continue
-            seg = self._check_segmentation(a["segmentation"], h, w, what)
             if seg is None:
+                self.skipped[degenerate] += 1
                 continue
             boxes.append(box), labels.append(labels_of[a["category_id"]]), segs.append(seg), ids.append(a["id"])
+            self._accepted(a, im, seg)
         return ImageRecord(
             image_id=im["id"], path=os.path.join(self.img_dir, im["file_name"]), height=h, width=w,
             boxes=np.array(boxes, np.float32).reshape(-1, 4), labels=np.array(labels, np.int64),
             segmentations=tuple(segs), ann_ids=tuple(ids), ignore_boxes=np.array(ignore, np.float32).reshape(-1, 4),
         )
 
-    def _check_segmentation(self, seg, h: int, w: int, what: str):
-        """The usable segmentation (short polygon parts dropped), or None: degenerate (counted) or
-        malformed (a problem)."""
+    def _accepted(self, ann: dict, image: dict, segmentation) -> None:
+        """Called for every annotation kept (crowd regions too) with its usable segmentation."""
+
+    def _check_segmentation(self, seg, h: int, w: int, what: str) -> tuple[object, str | None]:
+        """(the usable segmentation, None), or (None, why it is degenerate); a malformed one is
+        recorded as a problem (and gives (None, None)).
+
+        Polygons: parts under 3 points or of odd length are dropped, parts reaching more than one
+        image size outside the image are clipped to that margin.
+        """
         if isinstance(seg, list):
             if seg and not isinstance(seg[0], (list, tuple)):
                 seg = [seg]  # a single flat polygon
             if not all(_is_numbers(p) for p in seg):
                 self._problem(f"{what} has a malformed polygon (each part must be a list of numbers)")
-                return None
+                return None, None
             parts = [p for p in seg if len(p) >= 6 and len(p) % 2 == 0]
             if not parts:
-                self.skipped["polygon under 3 points"] += 1
-                return None
-            return parts
+                return None, "polygon under 3 points"
+            m = max(h, w)
+            parts = [p if -m <= min(p) and max(p) <= 2 * m else clip_polygon(p, -m, -m, 2 * m, 2 * m) for p in parts]
+            parts = [p for p in parts if p]
+            if not parts:
+                return None, "polygon outside the image"
+            return parts, None
         try:
             area = self._rle_area(seg, h, w)
         except ValueError as e:
             self._problem(f"{what} {e}")
-            return None
+            return None, None
         if area == 0:
-            self.skipped["empty mask"] += 1
-            return None
-        return seg
+            return None, "empty mask"
+        return seg, None
 
     @staticmethod
     def _rle_area(seg, h: int, w: int) -> int:
@@ -294,28 +384,67 @@ class CocoAnnotations:
         if "counts" not in seg or "size" not in seg:
             raise ValueError("has an RLE without 'counts'/'size'")
         if seg["size"] != [h, w]:
-            raise ValueError(f"has an RLE of size {seg['size']}, image is {[h, w]}")
+            raise ValueError(f"has an RLE of size {seg['size']!r}, image is {[h, w]}")
         counts = seg["counts"]
         if isinstance(counts, list):  # uncompressed: run lengths, background first
-            total = sum(counts) if _is_numbers(counts) else None
-            if total != h * w:
-                raise ValueError(f"has malformed RLE counts (sum {total}, the image has {h * w} pixels)")
-            return sum(counts[1::2])
-        try:
-            return int(mask_utils.area(seg))
-        except Exception as e:  # noqa: BLE001 - pycocotools raises several types for bad strings
-            raise ValueError(f"has a malformed compressed RLE ({type(e).__name__}: {e})") from None
+            if not _is_numbers(counts):
+                raise ValueError("has malformed RLE counts (not a list of numbers)")
+            runs = np.asarray(counts, np.float64)
+            if len(runs) and (runs.min() < 0 or (runs != np.floor(runs)).any()):
+                raise ValueError("has malformed RLE counts (runs must be whole numbers >= 0)")
+            if runs.sum() != h * w:
+                raise ValueError(f"has malformed RLE counts (sum {runs.sum():g}, the image has {h * w} pixels)")
+            return int(runs[1::2].sum())
+        if not isinstance(counts, (str, bytes)):
+            raise ValueError(f"has malformed RLE counts of type {type(counts).__name__}")
+        return int(_rle_string_counts(counts, h, w)[1::2].sum())
 
     def validate_images(self, threads: int = 8) -> list[str]:
         """Check every image file; all problems at once, one line each naming the image id and path.
 
-        Catches missing files, files that are not images, truncated files (PNGs are verified chunk
-        by chunk up to IEND, other formats decoded, JPEG at 1/8 scale, which still reads the whole
-        file) and sizes unlike the json. About 1 ms a COCO image, in ``threads`` threads (PIL
-        releases the GIL while decoding).
+        Catches missing and empty files, files that are not images, truncated files (PNGs are
+        verified chunk by chunk up to IEND, other formats decoded, JPEG at 1/8 scale, which still
+        reads the whole file), images over the pixel limit and sizes unlike the json. About 1 ms a
+        COCO image, in ``threads`` threads (PIL releases the GIL while decoding).
         """
         with ThreadPoolExecutor(threads) as pool:
-            return [p for p in pool.map(_image_file_problem, self.records) if p]
+            problems = pool.map(lambda r: image_file_problem(r.path, r.image_id, r.height, r.width), self.records)
+            return [p for p in problems if p]
+
+
+class CocoGroundTruth(CocoAnnotations):
+    """The annotations :class:`CocoAnnotations` keeps, as a COCO dict for ``COCOeval`` (``dataset``).
+
+    The same checks, skips and warning as the loader; the file's image ids, category ids and
+    names, file names, boxes and areas are kept. What changes: annotation ids are 1..N in file
+    order (pycocotools counts a detection matched to annotation id 0 as a false positive); polygons
+    keep their usable parts (clipped far outside the image, see the module docstring); image sizes
+    and RLE sizes are integers; ``iscrowd`` is 0 or 1; a missing or non-numeric ``area`` is the
+    mask's pixel count; a crowd region without a usable segmentation is its box (clipped to the image).
+    """
+
+    def __init__(self, ann_file: str | os.PathLike | dict):
+        self._annotations: list[dict] = []
+        super().__init__(ann_file, img_dir="")
+        self.dataset = {
+            "images": [{"id": r.image_id, "file_name": r.path, "height": r.height, "width": r.width}
+                       for r in self.records],
+            "annotations": self._annotations,
+            "categories": [{"id": c, "name": n} for c, n in zip(self.categories.cat_ids, self.categories.names)],
+        }
+
+    def _accepted(self, ann: dict, image: dict, segmentation) -> None:
+        h, w = int(image["height"]), int(image["width"])
+        if isinstance(segmentation, dict):
+            segmentation = {"size": [h, w], "counts": segmentation["counts"]}
+        area = ann.get("area")
+        if not (_is_number(area) and area >= 0):
+            area = float(decode_masks([segmentation], h, w).areas()[0])
+        self._annotations.append({
+            "id": len(self._annotations) + 1, "image_id": image["id"], "category_id": ann["category_id"],
+            "bbox": [float(v) for v in ann["bbox"]], "area": area, "iscrowd": int(bool(ann.get("iscrowd", 0))),
+            "segmentation": segmentation,
+        })
 
 
 def image_file_problems(*annotations: CocoAnnotations) -> list[str]:
@@ -331,73 +460,6 @@ def check_image_files(*annotations: CocoAnnotations) -> None:
     if problems:
         raise DatasetError(problems_message(f"{len(problems)} image file problem(s); fix or remove these images:",
                                             problems))
-
-
-def _image_file_problem(r: ImageRecord) -> str | None:
-    """What is wrong with the image file of ``r``, or None."""
-    try:
-        with Image.open(r.path) as im:
-            if im.format == "PNG":
-                im.verify()  # every chunk's CRC, up to IEND, without decompressing
-        with Image.open(r.path) as im:  # (after verify an image must be reopened)
-            w, h = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF transposes: either size is fine
-                h, w = (w, h) if (w, h) == (r.height, r.width) else (h, w)
-            if im.format != "PNG":
-                im.draft(im.mode, (1, 1))  # JPEG: DCT-domain downscale; the whole stream is still read
-                im.load()
-    except FileNotFoundError:
-        return f"image {r.image_id}: file not found: {r.path}"
-    except Exception as e:  # noqa: BLE001 - any decoder error is a problem to report
-        return f"image {r.image_id}: cannot read {r.path}: {type(e).__name__}: {e}"
-    if (h, w) != (r.height, r.width):
-        return f"image {r.image_id}: {r.path} is {w}x{h}, the annotation file says {r.width}x{r.height}"
-    return None
-
-
-TRANSPARENT_MODES = ("RGBA", "LA", "PA", "La", "RGBa")  # PIL modes with an alpha band
-
-
-def has_transparency(im: Image.Image) -> bool:
-    """Whether ``im`` has an alpha band or a transparency key (palette or grey with ``transparency``)."""
-    return im.mode in TRANSPARENT_MODES or "transparency" in im.info
-
-
-def _to_rgb(im: Image.Image) -> np.ndarray:
-    """Any PIL mode -> uint8 (H, W, 3) RGB; transparency composited onto grey 114."""
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        a = np.asarray(im, dtype=np.float64)
-        a = a * (255 / 65535) if a.max() > 255 else a
-        return np.repeat(np.clip(a + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-    if has_transparency(im):
-        rgba = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", im.size, (PAD_VALUE,) * 3 + (255,)), rgba)
-    return np.array(im.convert("RGB"))
-
-
-def load_image(path: str, image_id: int | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read an image as uint8 (H, W, 3) RGB, EXIF orientation applied.
-
-    ``size``: the (h, w) the annotations were made on. When only the un-rotated image matches it,
-    the EXIF orientation is ignored (the annotations follow the stored pixels); when neither
-    matches, a :class:`DatasetError` names the file and image id.
-    """
-    try:
-        with Image.open(path) as raw:
-            raw.load()
-            im = ImageOps.exif_transpose(raw)
-            if size is not None and (im.height, im.width) != tuple(size) and (raw.height, raw.width) == tuple(size):
-                im = raw
-            if size is not None and (im.height, im.width) != tuple(size):
-                raise DatasetError(f"image {image_id}: {path} is {im.width}x{im.height}, the annotation file "
-                                   f"says {size[1]}x{size[0]}")
-            return _to_rgb(im)
-    except FileNotFoundError:
-        raise DatasetError(f"image {image_id}: file not found: {path}") from None
-    except DatasetError:
-        raise
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
-        raise DatasetError(f"image {image_id}: cannot read {path}: {type(e).__name__}: {e}") from None
 
 
 def load_sample(record: ImageRecord) -> dict:

@@ -4,6 +4,7 @@ Masks are stored as the crop of each instance's box plus its offset, so crops, f
 translations only touch the pixels of each instance, and a sprite sheet with hundreds of small
 instances costs memory in proportion to their area, not N x H x W. :func:`decode_masks` decodes
 polygons and RLE (compressed or not) straight into such crops, identical to pycocotools' ``annToMask``.
+:func:`clip_polygon` cuts a polygon to a rectangle (for vertices too far away for pycocotools).
 """
 
 from __future__ import annotations
@@ -274,3 +275,26 @@ def decode_masks(segmentations, height: int, width: int) -> InstanceMasks:
             kinds.append(None)
     parsed = iter(rle_counts(compressed))
     return crops_from_counts([next(parsed) if k is None else k for k in kinds], height, width)
+
+
+def clip_polygon(coords, x0: float, y0: float, x1: float, y1: float) -> list[float]:
+    """A polygon (flat list x1, y1, x2, y2, ...) intersected with the rectangle [x0, x1] x [y0, y1].
+
+    Sutherland-Hodgman, one rectangle side at a time; the edges inside the rectangle are the
+    original ones, so a rasteriser sees the same outline there. Returns [] when under 3 points remain.
+    """
+    pts = np.asarray(coords, np.float64).reshape(-1, 2)  # (P, 2) x, y
+    for axis, bound, below in ((0, x0, False), (0, x1, True), (1, y0, False), (1, y1, True)):
+        if len(pts) < 3:
+            return []
+        nxt = np.roll(pts, -1, 0)  # edge i runs pts[i] -> nxt[i]
+        a, b = pts[:, axis], nxt[:, axis]
+        in_a, in_b = (a <= bound, b <= bound) if below else (a >= bound, b >= bound)
+        cross = in_a != in_b
+        t = np.divide(bound - a, b - a, out=np.zeros_like(a), where=cross)
+        hit = pts + t[:, None] * (nxt - pts)  # (P, 2) where edge i crosses the side
+        hit[:, axis] = bound
+        # each edge emits its start point if inside, then the crossing if it crosses: (2P, 2) in order
+        cand = np.stack([pts, hit], 1).reshape(-1, 2)
+        pts = cand[np.stack([in_a, cross], 1).reshape(-1)]
+    return pts.ravel().tolist() if len(pts) >= 3 else []

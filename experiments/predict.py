@@ -13,9 +13,12 @@ Writes into DIR:
   input list, ``file_name``, ``category_id`` = contiguous label 0..C-1, ``category_name``, ``bbox``
   [x, y, w, h], ``score``, ``segmentation`` RLE, ``area``, ``cutout`` path relative to DIR).
 
-A folder is read non-recursively (image extensions only). Unreadable files are skipped and listed
-at the end; the exit status is 1 only if no image could be read. Input size and resize mode default
-to those the checkpoint was validated with (Lightning checkpoints), else 640 and bilinear.
+A folder is read non-recursively (image extensions only). Unreadable files (empty, not an image,
+truncated, over the pixel limit that ``RTMDET_MAX_IMAGE_PIXELS=N`` raises) are skipped and listed
+at the end; the exit status is 1 only if no image could be read. Every PIL mode is read as
+``datamodules.images`` describes (multi-frame GIF/TIFF: the first frame, with a note on stderr).
+Input size and resize mode default to those the checkpoint was validated with (Lightning
+checkpoints), else 640 and bilinear.
 
 Large images (screenshots, sprite sheets): by default (``--tile-size auto``) an image larger than
 the input size is predicted in overlapping windows of the input size, so sprites keep the scale the
@@ -37,8 +40,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from datamodules import DatasetError, load_image
-from datamodules.coco import has_transparency
+from datamodules import DatasetError
+from datamodules.images import has_transparency, load_image_noted
 from rtmdet import SIZES, CheckpointError, preprocess
 from experiments.errors import check_img_size
 from experiments.tiling_options import ImagePredictor, add_tiling_arguments, cap_report, check_tiling_arguments
@@ -123,19 +126,29 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]
         done += 1
 
     def flush():
-        for (image_id, path, image), p in zip(batch, predictor.whole([im for _, _, im in batch])):
-            save(image_id, path, image, p)
+        saved = 0
+        try:  # one file must not end the folder: what fails here (e.g. out of memory) is listed
+            for (image_id, path, image), p in zip(batch, predictor.whole([im for _, _, im in batch])):
+                save(image_id, path, image, p)
+                saved += 1
+        except Exception as e:  # noqa: BLE001 - listed with the unreadable files
+            failures.extend((str(p), f"{type(e).__name__}: {e}") for _, p, _ in batch[saved:])
         batch.clear()
 
     for image_id, path in enumerate(files, start=1):
         try:
-            image = load_image(str(path), image_id)
+            image, notes = load_image_noted(str(path), image_id)  # notes: e.g. which frame of a GIF is used
         except DatasetError as e:
             failures.append((str(path), str(e).split(": ", 1)[-1]))
             continue
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         tile = predictor.window(*image.shape[:2])
         if tile is not None:
-            save(image_id, path, image, predictor.tiled(image, tile))
+            try:  # as for a batch: a failing image is listed, the folder goes on
+                save(image_id, path, image, predictor.tiled(image, tile))
+            except Exception as e:  # noqa: BLE001
+                failures.append((str(path), f"{type(e).__name__}: {e}"))
             continue
         batch.append((image_id, path, image))
         if len(batch) == args.batch_size:

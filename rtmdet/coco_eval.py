@@ -3,6 +3,8 @@
 Predictions are stored compactly as tensors (masks as RLE bytes, never dense) so that torchmetrics
 can gather them across DDP ranks; ``compute()`` turns them back into a COCO results list and runs
 ``COCOeval`` (pycocotools, or faster-coco-eval when installed: same numbers) on the seen images.
+The ground truth is what the data loader keeps of the annotation file (``CocoGroundTruth``), so a
+file the loader accepts always evaluates.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pycocotools.cocoeval import COCOeval
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from datamodules.coco import CocoGroundTruth
+
 from .crop_masks import CropMasks
 
 # COCOeval.stats[0..11], in order.
@@ -39,8 +43,11 @@ class COCOMetric(Metric):
 
     Args:
         ann_file: the ground truth: path of the COCO annotation json, its loaded dict, or a
-            ``pycocotools.coco.COCO`` (or ``faster_coco_eval.COCO``). A dict or COCO object is used
-            as is, not copied: COCOeval adds to its annotations in place, as pycocotools always does.
+            ``pycocotools.coco.COCO`` (or ``faster_coco_eval.COCO``, whose ``dataset`` is read). It
+            goes through the data loader's checks (``datamodules.coco.CocoGroundTruth``): a file
+            with problems raises the loader's ``DatasetError``; degenerate annotations are skipped
+            with the loader's warning; what is evaluated is a sanitised copy with the file's image
+            and category ids (the input is never modified).
         label_to_cat_id: ``label_to_cat_id[label]`` is the COCO category id of contiguous label
             ``label`` (0..C-1).
         iou_types: any of ``"bbox"``, ``"segm"``. ``"segm"`` needs ``masks`` in every prediction.
@@ -258,20 +265,15 @@ def _cat(state: list[torch.Tensor] | torch.Tensor, empty: torch.Tensor) -> torch
 
 
 def _load_gt(ann_file, backend: str):
-    """The ground truth as the backend's COCO object (loading silently)."""
+    """The ground truth as the backend's COCO object (loading silently): the annotations that the
+    data loader keeps (``datamodules.coco.CocoGroundTruth``: same rules, same skips and warning)."""
     source = ann_file.dataset if hasattr(ann_file, "dataset") else ann_file
+    source = CocoGroundTruth(source if isinstance(source, dict) else os.fspath(source)).dataset
     with contextlib.redirect_stdout(io.StringIO()):
         if backend == "faster_coco_eval":
             from faster_coco_eval import COCO as FasterCOCO
 
-            if isinstance(ann_file, FasterCOCO):
-                return ann_file
             return FasterCOCO(source, print_function=lambda *args, **kwargs: None)
-        if isinstance(ann_file, COCO):
-            return ann_file
-        if not isinstance(source, dict):
-            with open(source) as f:
-                source = json.load(f)
         coco = COCO()
         coco.dataset = source
         coco.createIndex()

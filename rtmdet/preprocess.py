@@ -45,9 +45,10 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def letterbox_size(orig_h: int, orig_w: int, size: int) -> tuple[int, int]:
-    """New (h, w) after a keep-ratio resize that fits in size x size (mmcv rescale_size rounding)."""
+    """New (h, w) after a keep-ratio resize that fits in size x size (mmcv rescale_size rounding);
+    each side at least 1 pixel (a 1 x 2000 image would round to height 0)."""
     scale = min(size / orig_h, size / orig_w)
-    return int(orig_h * scale + 0.5), int(orig_w * scale + 0.5)
+    return max(int(orig_h * scale + 0.5), 1), max(int(orig_w * scale + 0.5), 1)
 
 
 def letterbox(

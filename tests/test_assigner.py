@@ -141,16 +141,19 @@ def test_batched_equals_per_image_and_padding_is_never_assigned():
 def test_invalid_entries_are_ignored_even_if_they_cover_everything():
     pred, logits, points, strides = make_inputs(1, seed=11)
     boxes, labels, centers = make_gts(4, seed=12)
-    G = 6
-    pad_boxes = torch.cat([boxes, torch.tensor([[-10.0, -10.0, 200.0, 200.0]] * 2)])[None]
+    pad_boxes = torch.cat([boxes, torch.tensor([[-10.0, -10.0, 200.0, 200.0]] * 2)])[None]  # (1, 6, 4)
     valid = torch.tensor([[True] * 4 + [False] * 2])
     pad_labels = torch.cat([labels, torch.tensor([0, 0])])[None]
     pad_centers = torch.cat([centers, torch.full((2, 2), 48.0)])[None]
     a = DynamicSoftLabelAssigner()(pred, logits, points, strides, pad_boxes, pad_labels, pad_centers, valid)
     b = run(DynamicSoftLabelAssigner(), pred, logits, points, strides, [(boxes, labels, centers)])
-    assert (a.gt_index < 4).all() and G == 6
+    assert (a.gt_index < 4).all()
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+    # Marked valid, the same two entries change the assignment: only the mask keeps them out above.
+    c = DynamicSoftLabelAssigner()(pred, logits, points, strides, pad_boxes, pad_labels, pad_centers,
+                                   torch.ones_like(valid))
+    assert not torch.equal(c.pos_mask, a.pos_mask)
 
 
 def test_mask_centers():

@@ -12,7 +12,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from datamodules.coco import CocoAnnotations, DatasetError, has_transparency, load_image, load_sample
+from datamodules.coco import CocoAnnotations, DatasetError, load_image, load_sample
+from datamodules.images import has_transparency
 from datamodules.masks import decode_masks, rle_counts
 from tests._coco_factory import make_coco
 

@@ -16,11 +16,14 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from datamodules.sprites import generate_sprite_dataset
 from experiments import evaluate, export, predict
-from rtmdet import CheckpointError, build_model, preprocess, to_mmdet_state_dict
+from rtmdet import CheckpointError, InstancePostProcess, RawOutputs, build_model, preprocess, to_mmdet_state_dict
 from rtmdet.checkpoint import load_checkpoint, load_model
+from rtmdet.coco_eval import STAT_NAMES
 from rtmdet.inference import coco_results, cutout
 from rtmdet.lightning_module import RTMDetInsModule
 
@@ -216,11 +219,31 @@ def test_evaluate_writes_metrics(ws, predictions, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "bbox" in printed and "segm" in printed and "mAP_50" in printed
     metrics = json.loads(output.read_text())
-    for t in ("bbox", "segm"):
-        for k in ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_100"):
-            assert -1.0 <= metrics[f"{t}_{k}"] <= 1.0
     assert (metrics["num_images"], metrics["img_size"], metrics["nearest_resize"]) == (4, S, True)
     detections = json.loads((tmp_path / "eval" / "results.detections.json").read_text())
+    # The metrics are COCOeval's on the written detections (segm without their boxes, as mmdet).
+    for t in ("bbox", "segm"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(str(ws["ann_file"]))
+            dts = [{k: v for k, v in d.items() if not (t == "segm" and k == "bbox")} for d in detections]
+            coco_eval = COCOeval(gt, gt.loadRes(dts), t)
+            coco_eval.evaluate(), coco_eval.accumulate(), coco_eval.summarize()
+        assert [metrics[f"{t}_{k}"] for k in STAT_NAMES] == coco_eval.stats.tolist(), t
+    # Against ground truth that is the model's own detections: AP and AR 1, but AR at 1 detection per image
+    # 1 / 4 (4 instances an image); all instances are small (< 32^2 px), so medium and large have nothing (-1).
+    gt = json.loads(ws["ann_file"].read_text())
+    gt["annotations"] = [{"id": i + 1, "image_id": d["image_id"], "category_id": d["category_id"], "bbox": d["bbox"],
+                          "area": float(mask_util.area(d["segmentation"])), "iscrowd": 0,
+                          "segmentation": d["segmentation"]} for i, d in enumerate(detections)]
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps(gt))
+    out = tmp_path / "own_metrics.json"
+    assert evaluate.main(["--ckpt", str(ws["ckpt"]), "--data.val_ann_file", str(own), "--data.val_img_dir",
+                          str(ws["img_dir"]), "--data.num_workers", "0", "--output", str(out)]) == 0
+    perfect = json.loads(out.read_text())
+    expected = [1.0, 1.0, 1.0, 1.0, -1.0, -1.0, 0.25, 1.0, 1.0, 1.0, -1.0, -1.0]  # in STAT_NAMES order
+    for t in ("bbox", "segm"):
+        assert [perfect[f"{t}_{k}"] for k in STAT_NAMES] == pytest.approx(expected, abs=1e-9), t
     assert len(detections) == 4 * 4 and {d["category_id"] for d in detections} == {2}  # label 1 = category 2
     assert all("segmentation" in d for d in detections)
     # The same instances as predict finds on the same image (a.png is 000000.png, image id 1).
@@ -262,17 +285,56 @@ def test_export_onnx_matches_onnxruntime(ws, tmp_path):
     for out, ref, shape in zip(outputs, expected, shapes):
         assert out.shape == shape
         np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-4)
+    _, metas = preprocess([image, image[:, ::-1].copy()], S)
+    with torch.no_grad():
+        assert_same_instances(instances_of_export(outputs, ws["model"], metas), ws["model"].predict(images, metas))
+
+
+def unflatten_levels(flat: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """(B, P, K) in prior order -> per level (B, K, H_l, W_l): the inverse of the export's flattening,
+    written from the documented layout (levels in order, row-major cells)."""
+    out, start = [], 0
+    for h, w in sizes:
+        out.append(flat[:, start:start + h * w].reshape(flat.shape[0], h, w, -1).permute(0, 3, 1, 2))
+        start += h * w
+    assert start == flat.shape[1]
+    return out
+
+
+def instances_of_export(outputs, model, metas) -> list[dict]:
+    """The exported graph's four outputs put through an InstancePostProcess (official settings, as predict's)."""
+    cls_logits, box_dists, kernels, protos = (torch.as_tensor(o) for o in outputs)
+    sizes = [(S // s, S // s) for s in model.strides]
+    raw = RawOutputs(unflatten_levels(cls_logits, sizes), unflatten_levels(box_dists, sizes),
+                     unflatten_levels(kernels, sizes), protos)
+    return InstancePostProcess(strides=model.strides)(raw, metas)
+
+
+def assert_same_instances(got: list[dict], expected: list[dict]) -> None:
+    assert sum(len(r["scores"]) for r in expected) > 0
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-3)
+        assert a["masks"].shape == b["masks"].shape and (a["masks"] != b["masks"]).float().mean() < 1e-3
 
 
 def test_export_torch_program(ws, tmp_path):
     path = tmp_path / "model.pt2"
     assert export.main(["--ckpt", str(ws["ckpt"]), "--output", str(path), "--img-size", str(S)]) == 0
     images = torch.randn(3, 3, S, S)
+    program = torch.export.load(str(path)).module()
     with torch.no_grad():
-        outputs = torch.export.load(str(path)).module()(images)
+        outputs = program(images)
         expected = export.ExportWrapper(ws["model"])(images)
     for out, ref in zip(outputs, expected):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # What a deployment gets from the exported graph + InstancePostProcess is what model.predict gives.
+    files = sorted(ws["img_dir"].glob("*.png"))[:2]
+    batch, metas = preprocess([np.array(Image.open(f).convert("RGB")) for f in files], S)
+    with torch.no_grad():
+        exported = program(batch)
+        assert_same_instances(instances_of_export(exported, ws["model"], metas), ws["model"].predict(batch, metas))
 
 
 @pytest.mark.parametrize("tool, args", [

@@ -10,7 +10,7 @@ from PIL import Image
 
 from benchmarks.latency import busy_head
 from experiments import predict
-from rtmdet import build_model, load_mmdet_checkpoint, to_mmdet_state_dict
+from rtmdet import CheckpointError, build_model, load_mmdet_checkpoint, to_mmdet_state_dict
 from rtmdet.fuse import fold_conv_bn
 from rtmdet.preprocess import ImageMeta
 
@@ -105,8 +105,10 @@ def test_fuse_in_place_idempotent_and_state_dict_untouched():
     fresh = build_model("tiny").eval()
     load_mmdet_checkpoint(fresh, to_mmdet_state_dict(before))
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
-    with pytest.raises(Exception):
-        load_mmdet_checkpoint(model, to_mmdet_state_dict(before))
+    with pytest.raises(CheckpointError, match=r"cannot load .* into RTMDet-Ins-tiny:[\s\S]* missing: "
+                                              r"backbone\.stem\.0\.conv\.bias"):
+        load_mmdet_checkpoint(model, to_mmdet_state_dict(before))  # BN folded: conv biases, no BN weights
+    assert all(torch.equal(v, fused_sd[k]) for k, v in model.state_dict().items())  # nothing half-loaded
 
 
 def test_fuse_refuses_training_mode():

@@ -92,11 +92,21 @@ def test_deterministic(tmp_path):
     assert not np.array_equal(pa, pc)
 
 
-def test_image_does_not_depend_on_count():
-    one = render_image(np.random.default_rng([5, 2]), (64, 64))
-    two = render_image(np.random.default_rng([5, 2]), (64, 64))
-    for x, y in zip(one, two):
-        np.testing.assert_array_equal(x, y)
+def test_image_does_not_depend_on_count(tmp_path):
+    """Image i of a 2-image and of a 5-image dataset (same seed) is the same file with the same
+    annotations: each image draws from its own generator, not from one shared by all."""
+    few = json.loads(generate_sprite_dataset(tmp_path / "few", 2, 64, seed=5).read_text())
+    many = json.loads(generate_sprite_dataset(tmp_path / "many", 5, 64, seed=5).read_text())
+    for image in few["images"]:
+        name = image["file_name"]
+        assert (tmp_path / "few" / "train" / name).read_bytes() == (tmp_path / "many" / "train" / name).read_bytes()
+        anns = [[a for a in d["annotations"] if a["image_id"] == image["id"]] for d in (few, many)]
+        assert anns[0] == anns[1] and anns[0]
+    assert len(many["images"]) == 5 and many["annotations"] != few["annotations"]
+    # image 3 is the scene of its own generator [seed, 3], whatever came before it
+    scene, masks, _ = render_image(np.random.default_rng([5, 3]), (64, 64))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "many" / "train" / "000003.png")), scene)
+    assert len([a for a in many["annotations"] if a["image_id"] == 4]) == len(masks)
 
 
 def test_every_class_draws_a_nonempty_sprite():
