@@ -22,22 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from datamodules import DatasetError, load_image
 from rtmdet import SIZES, CheckpointError, preprocess
 from experiments.errors import check_img_size
-from experiments.visualize import draw_overlay
+from experiments.overlay import draw_overlay
+from experiments.predict_files import list_inputs, read_rgba, slug, unique_stems
 from rtmdet.inference import coco_results, cutout, load_checkpoint
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,29 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def list_inputs(path: Path) -> list[Path]:
-    if not path.exists():
-        raise FileNotFoundError(f"input not found: {path}")
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {path}")
-    return files
-
-
-def read_rgba(path: Path) -> np.ndarray | None:
-    """The image as RGBA (H, W, 4) when it has transparency (for the cut-outs' alpha), else None."""
-    with Image.open(path) as im:
-        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
-            return np.array(ImageOps.exif_transpose(im).convert("RGBA"))
-    return None
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
-
-
 def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]], int]:
     """Returns (results entries, failures [(file, reason)], number of images processed)."""
     files = list_inputs(Path(args.input))
@@ -96,7 +71,7 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]
     names = list(loaded.class_names or [f"class{i}" for i in range(model.num_classes)])
     out_dir = Path(args.output)
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-    stems = _unique_stems(files)
+    stems = unique_stems(files)
     results, failures, done = [], [], 0
     batch: list[tuple[int, Path, np.ndarray]] = []
 
@@ -124,14 +99,6 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]
     return results, failures, done
 
 
-def _unique_stems(files: list[Path]) -> dict[Path, str]:
-    """Output name per input: its stem, or stem_ext when two inputs share a stem."""
-    counts: dict[str, int] = {}
-    for f in files:
-        counts[f.stem] = counts.get(f.stem, 0) + 1
-    return {f: _slug(f.stem if counts[f.stem] == 1 else f"{f.stem}_{f.suffix.lstrip('.')}") for f in files}
-
-
 def _save_image(image_id: int, path: Path, image: np.ndarray, pred: dict, stem: str, names: list[str],
                 out_dir: Path) -> list[dict]:
     """Overlay and cut-outs of one image; returns its results entries."""
@@ -147,7 +114,7 @@ def _save_image(image_id: int, path: Path, image: np.ndarray, pred: dict, stem: 
         entry.update(file_name=path.name, category_name=names[label], cutout=None)
         cut = cutout(source, pred["masks"][k])
         if cut is not None:
-            rel = Path("cutouts") / stem / f"{stem}_{k:03d}_{_slug(names[label])}.png"
+            rel = Path("cutouts") / stem / f"{stem}_{k:03d}_{slug(names[label])}.png"
             (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(cut[0], "RGBA").save(out_dir / rel)
             entry["cutout"] = rel.as_posix()
