@@ -58,13 +58,14 @@ def build(loaded: LoadedCheckpoint, img_size: int, args: argparse.Namespace) -> 
     ).eval()
 
 
-def metadata(module: EndToEnd, loaded: LoadedCheckpoint) -> dict:
-    """What a runner needs besides the graph (JSON-serialisable)."""
+def metadata(module: EndToEnd, class_names=None, nearest_resize: bool = False) -> dict:
+    """What a runner needs besides the graph (JSON-serialisable): class names (default class0 ...),
+    letterbox settings, the baked test-time settings and the output layout."""
     model = module.model
-    names = loaded.class_names or [f"class{i}" for i in range(model.num_classes)]
+    names = class_names or [f"class{i}" for i in range(model.num_classes)]
     return {
         "format": "rtmdet_e2e/1", "size": model.size, "num_classes": model.num_classes, "class_names": list(names),
-        "img_size": module.img_size, "nearest_resize": bool(loaded.nearest_resize), "pad_value": 114,
+        "img_size": module.img_size, "nearest_resize": bool(nearest_resize), "pad_value": 114,
         "score_thr": module.score_thr, "nms_pre": module.nms_pre, "iou_thr": module.iou_thr,
         "max_det": module.max_det, "mask_thr": module.mask_thr, "mask_output": module.mask_output,
         "mask_stride": model.strides[0], "outputs": list(module.output_names),
@@ -128,7 +129,7 @@ def compare(names: tuple[str, ...], expected: list[np.ndarray], actual: list[np.
 def export(loaded: LoadedCheckpoint, img_size: int, output: Path, fmt: str, args: argparse.Namespace) -> dict:
     """Write the end-to-end export of ``loaded`` to ``output`` (``fmt`` onnx or torch_export), verify it."""
     module = build(loaded, img_size, args)
-    meta = metadata(module, loaded)
+    meta = metadata(module, loaded.class_names, loaded.nearest_resize)
     example = sample_images(img_size, 2)  # batch 2: torch.export specialises a size-1 dimension
     with torch.no_grad():
         if fmt == "onnx":
