@@ -94,6 +94,7 @@ def write_onnx(module: EndToEnd, example: torch.Tensor, path: Path, opset: int, 
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+    onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
 
 
