@@ -1,6 +1,6 @@
 """Input listing and output naming shared by ``experiments.predict`` and ``experiments.onnx_predict``.
 
-Pillow only (no torch), so that the torch-free runner can use it.
+numpy and Pillow only (no torch), so that the torch-free runner can use it.
 """
 
 from __future__ import annotations
