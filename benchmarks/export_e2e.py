@@ -12,8 +12,9 @@ One image of ``--orig`` pixels, results in its original pixels, three ways:
 * ``onnx_input``: ``--masks input``: the paste to input resolution inside the graph (100 masks of
   S x S), then crop and nearest resize to the original image in numpy.
 
-Reported per way: median milliseconds per stage and end to end; for the exports the file size and
-the bytes of their outputs for one image; and how their instances agree with ``model.predict``.
+Reported per way: median milliseconds per stage and end to end (and the end-to-end minimum), all
+callables timed in turn round by round; for the exports the file size and the bytes of their
+outputs for one image; and how their instances agree with ``model.predict``.
 
 The model is RTMDet-Ins with random prediction layers (``benchmarks.latency.busy_head``: the
 postprocess does its full work, 100 masks) and BatchNorm statistics measured on the image itself
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -38,15 +40,19 @@ from rtmdet import build_model, preprocess
 from rtmdet.export_e2e import EndToEnd
 
 
-def timeit(fn, warmup: int, iters: int) -> float:
+def alternate(fns: dict, warmup: int, iters: int) -> dict[str, dict[str, float]]:
+    """Median and minimum milliseconds of each callable, timed in turn round by round, so that a
+    load that comes and goes (a shared machine) weighs on all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return round(statistics.median(times) * 1e3, 2)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {"median_ms": round(statistics.median(t), 2), "min_ms": round(min(t), 2)} for name, t in times.items()}
 
 
 def busy_model(size: str, image: np.ndarray, img_size: int) -> torch.nn.Module:
@@ -86,8 +92,9 @@ def agreement(got: dict, want: dict) -> dict:
     return out
 
 
-def measure_export(model, mask_output: str, image: np.ndarray, img_size: int, threads: int, folder: Path,
-                   reference: dict, warmup: int, iters: int) -> dict:
+def prepare_export(model, mask_output: str, image: np.ndarray, img_size: int, threads: int, folder: Path,
+                   reference: dict) -> tuple[dict, dict]:
+    """Export one mask layout; returns its sizes and agreement, and the callables to time."""
     module = EndToEnd(model, img_size, mask_output=mask_output).eval()
     path = folder / f"e2e_{mask_output}.onnx"
     t0 = time.perf_counter()
@@ -96,23 +103,18 @@ def measure_export(model, mask_output: str, image: np.ndarray, img_size: int, th
     export_s = time.perf_counter() - t0
     detector = onnx_predict.Detector(path, threads)
     padded, (orig_size, scale_factor) = npi.letterbox(image, img_size)
-    batch = padded[None]
-    out = detector(batch)
+    out = detector(padded[None])
 
     def end_to_end():
         p, (o, s) = npi.letterbox(image, img_size)
         return detector.instances(detector(p[None]), 0, o, s, score_thr=0.0)
 
-    return {
-        "file_mb": round(path.stat().st_size / 2**20, 2),
-        "output_mb_per_image": round(sum(v.nbytes for v in out.values()) / 2**20, 2),
-        "export_s": round(export_s, 1),
-        "letterbox_ms": timeit(lambda: npi.letterbox(image, img_size), warmup, iters),
-        "graph_ms": timeit(lambda: detector(batch), warmup, iters),
-        "map_back_ms": timeit(lambda: detector.instances(out, 0, orig_size, scale_factor, 0.0), warmup, iters),
-        "end_to_end_ms": timeit(end_to_end, warmup, iters),
-        "agreement_with_predict": agreement(end_to_end(), reference),
-    }
+    info = {"file_mb": round(path.stat().st_size / 2**20, 2),
+            "output_mb_per_image": round(sum(v.nbytes for v in out.values()) / 2**20, 2),
+            "export_s": round(export_s, 1), "agreement_with_predict": agreement(end_to_end(), reference)}
+    fns = {"letterbox": lambda: npi.letterbox(image, img_size), "graph": lambda: detector(padded[None]),
+           "map_back": lambda: detector.instances(out, 0, orig_size, scale_factor, 0.0), "end_to_end": end_to_end}
+    return info, fns
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -135,23 +137,27 @@ def run(argv: list[str] | None = None) -> dict:
     x, metas = preprocess(image, args.img_size)
     with torch.inference_mode():
         reference = model.predict(x, metas)[0]
-        torch_side = {
-            "preprocess_ms": timeit(lambda: preprocess(image, args.img_size), args.warmup, args.iters),
-            "predict_ms": timeit(lambda: model.predict(x, metas), args.warmup, args.iters),
-            "end_to_end_ms": timeit(lambda: model.predict(*preprocess(image, args.img_size)), args.warmup, args.iters),
-            "fused_end_to_end_ms": timeit(lambda: fused.predict(*preprocess(image, args.img_size)), args.warmup,
-                                          args.iters),
-            "detections": len(reference["labels"]),
-        }
-    with tempfile.TemporaryDirectory() as tmp:
-        exports = {f"onnx_{mode}": measure_export(model, mode, image, args.img_size, args.threads, Path(tmp),
-                                                  reference, args.warmup, args.iters)
-                   for mode in ("logits", "input")}
+    parts = {"torch_predict": ({"detections": len(reference["labels"])}, {
+        "preprocess": lambda: preprocess(image, args.img_size),
+        "predict": lambda: model.predict(x, metas),
+        "end_to_end": lambda: model.predict(*preprocess(image, args.img_size)),
+        "fused_end_to_end": lambda: fused.predict(*preprocess(image, args.img_size)),
+    })}
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        for mode in ("logits", "input"):
+            parts[f"onnx_{mode}"] = prepare_export(model, mode, image, args.img_size, args.threads, Path(tmp),
+                                                   reference)
+        fns = {(part, name): fn for part, (_, part_fns) in parts.items() for name, fn in part_fns.items()}
+        timings = alternate(fns, args.warmup, args.iters)
+    result = {}
+    for part, (info, part_fns) in parts.items():
+        result[part] = {**{f"{name}_ms": timings[(part, name)]["median_ms"] for name in part_fns},
+                        "end_to_end_min_ms": timings[(part, "end_to_end")]["min_ms"], **info}
     import onnxruntime
 
     return {"benchmark": "export_e2e", "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "size": args.size, "img_size": args.img_size, "orig_size": list(args.orig), "threads": args.threads,
-            "torch_predict": torch_side, **exports}
+            "load_avg_1min": round(os.getloadavg()[0], 2), **result}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -59,6 +59,8 @@ class Detector:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # Idle pool threads would spin after each run, taking the cores from the numpy paste that follows.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files

@@ -9,7 +9,8 @@ TorchScript exporter) and to a ``torch.export`` program:
    marked invalid instead of dropped, so every image keeps the same candidate count;
 2. distance decoding from the prior points, clipping to the input frame, invalid when empty;
 3. class-aware greedy NMS on the valid candidates (boxes offset by label * (S + 1) so that classes
-   never overlap, as ``rtmdet.nms.batched_nms``), at most ``max_det`` kept, by descending score.
+   never overlap; ``rtmdet.nms.batched_nms`` offsets by the largest coordinate + 1, which changes
+   the IoUs by float rounding only), at most ``max_det`` kept, by descending score.
    It is the custom op ``rtmdet_e2e::nms`` (eager: ``rtmdet.nms.nms``), which exports to ONNX's
    ``NonMaxSuppression`` (one class, the offsets carry the classes);
 4. the dynamic mask convs of the kept instances at stride 8.
