@@ -5,6 +5,7 @@
     python -m benchmarks --mmdet-python PATH/bin/python     # + ours vs mmdetection 3.3.0 (its venv's python)
     python -m benchmarks --side-by-side                     # the same, the python from $RTMDET_MMDET_PYTHON
     python -m benchmarks --parts latency --quick            # selected parts, few iterations (smoke test)
+    python -m benchmarks --parts export_e2e                 # end-to-end ONNX vs predict (needs onnxruntime)
 
 Each part runs in its own process (``python -m benchmarks.<part>``), one after the other, so that
 they do not compete for the cores and each one's peak memory is its own:
@@ -16,7 +17,9 @@ they do not compete for the cores and each one's peak memory is its own:
   instances per image and the memory growth per 100 instances included, plus ``channels_last``
   (and with ``--compile``, compiled) on the 320 px case;
 * ``data_pipeline``: images/s of the training loader;
-* ``side_by_side``: ours / mmdet time ratios, measured alternately (``benchmarks/side_by_side.py``).
+* ``side_by_side``: ours / mmdet time ratios, measured alternately (``benchmarks/side_by_side.py``);
+* ``export_e2e`` (only when asked for): the end-to-end ONNX export run by onnxruntime against
+  ``model.predict`` at 640, file and output sizes (``benchmarks/export_e2e.py``).
 
 ``summary`` collects the headline numbers; the full outputs of every part follow it. Timings
 depend on the machine's load: ``load_avg_1min`` is recorded at the start and the end.
@@ -36,7 +39,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("latency", "train_step", "data_pipeline", "side_by_side")
+PARTS = ("latency", "train_step", "data_pipeline", "side_by_side", "export_e2e")
 
 
 def run_part(module: str, args: list[str]) -> dict:
@@ -89,6 +92,11 @@ def side_by_side(args) -> dict:
     return run_part("side_by_side", flags + (["--quick"] if args.quick else []))
 
 
+def export_e2e(args) -> dict:
+    return run_part("export_e2e", ["--threads", str(args.threads), "--size", args.size]
+                    + (["--quick"] if args.quick else []))
+
+
 def summarize(results: dict) -> dict:
     """Headline numbers of the parts that ran (missing ones are left out)."""
     s: dict = {}
@@ -117,6 +125,10 @@ def summarize(results: dict) -> dict:
                                                                               "per_100_instances_mb")}
     if d := get("data_pipeline"):
         s["data_pipeline"] = {k: d.get(k) for k in ("images_per_s", "cpu_ms_per_image", "images_per_s_if_2_free_cores")}
+    if get("export_e2e"):
+        s["export_e2e_end_to_end_ms"] = {k: get("export_e2e", *path) for k, path in (
+            ("torch_predict", ("torch_predict", "end_to_end_ms")), ("onnx_logits", ("onnx_logits", "end_to_end_ms")),
+            ("onnx_input", ("onnx_input", "end_to_end_ms")))}
     for task in ("predict", "train"):
         if r := get("side_by_side", task):
             s[f"side_by_side_{task}"] = {"ratios": r["ratios"], "target_ratio": r["target_ratio"],
@@ -128,7 +140,8 @@ def summarize(results: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", choices=PARTS, help="default: all but side_by_side (see --side-by-side)")
+    p.add_argument("--parts", nargs="+", choices=PARTS,
+                   help="default: all but side_by_side (see --side-by-side) and export_e2e")
     p.add_argument("--quick", action="store_true",
                    help="small inputs and few iterations (a smoke test, not a measurement)")
     p.add_argument("--compile", action="store_true", help="add torch.compile timings (compilation takes minutes)")
@@ -153,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_1min_start": round(os.getloadavg()[0], 2),
     }
     runners = {"latency": latency, "train_step": train_step, "data_pipeline": data_pipeline,
-               "side_by_side": side_by_side}
+               "side_by_side": side_by_side, "export_e2e": export_e2e}
     results = {part: runners[part](args) for part in parts}
     header["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps({**header, "summary": summarize(results), **results}, indent=1))

@@ -1,7 +1,18 @@
-"""Export RTMDet-Ins without postprocessing (no NMS) to ONNX or to a ``torch.export`` program (.pt2).
+"""Export RTMDet-Ins to ONNX or to a ``torch.export`` program (.pt2): the raw network, or end to end.
 
     python -m experiments.export --ckpt PATH --output model.onnx [--img-size 640] [--size tiny]
         [--format onnx|torch_export] [--opset 17] [--no-verify]
+    python -m experiments.export --ckpt PATH --output model.onnx --end-to-end [--max-det 100]
+        [--score-thr 0.05] [--nms-pre 1000] [--iou-thr 0.6] [--masks logits|input]
+
+``--end-to-end`` writes ``rtmdet.export_e2e.EndToEnd``: letterboxed RGB uint8 ``images``
+(B, 3, S, S) in, normalisation, network, NMS and dynamic masks inside, a padded set of instances
+per image out (``num_dets``, ``boxes``, ``scores``, ``labels``, ``mask_logits`` or ``masks``; see
+that module). The test-time settings default to the checkpoint's; the ONNX file carries them, the
+class names and the letterbox settings as metadata (``rtmdet_e2e``, JSON) for
+``experiments.onnx_predict``. It is checked against the PyTorch module on three images.
+
+Without ``--end-to-end``, the raw network (no postprocessing):
 
 Input ``images``: (B, 3, S, S) float32, BGR, normalised (``rtmdet.preprocess``: letterbox to S,
 pad 114, ``normalize``); the batch dimension is dynamic, S is fixed at ``--img-size`` (a multiple of
@@ -34,6 +45,8 @@ from rtmdet import SIZES, CheckpointError, RTMDetIns
 from rtmdet.checkpoint import load_checkpoint
 from rtmdet.priors import flatten_levels
 
+from experiments import export_e2e
+
 OUTPUT_NAMES = ("cls_logits", "box_dists", "kernels", "mask_protos")
 TOLERANCE = 1e-4
 
@@ -61,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: torch_export for a .pt2 output, else onnx")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the comparison with PyTorch")
+    e2e = p.add_argument_group("end to end (--end-to-end; settings default to the checkpoint's test settings)")
+    e2e.add_argument("--end-to-end", action="store_true",
+                     help="uint8 images in, NMS and masks inside, padded instances out (rtmdet/export_e2e.py)")
+    e2e.add_argument("--max-det", type=int, help="K: instances kept per image, the padded output size")
+    e2e.add_argument("--score-thr", type=float, help="candidates must score above this")
+    e2e.add_argument("--nms-pre", type=int, help="best candidates per level before NMS")
+    e2e.add_argument("--iou-thr", type=float, help="NMS IoU threshold")
+    e2e.add_argument("--masks", choices=("logits", "input"), default="logits",
+                     help="stride-8 mask logits to paste (default, small and exact in original pixels) "
+                          "or bool masks at input resolution")
     return p
 
 
@@ -106,6 +129,8 @@ def export(args: argparse.Namespace) -> dict:
     output = Path(args.output)
     fmt = args.format or ("torch_export" if output.suffix == ".pt2" else "onnx")
     output.parent.mkdir(parents=True, exist_ok=True)
+    if args.end_to_end:
+        return export_e2e.export(loaded, img_size, output, fmt, args)
     wrapper = ExportWrapper(loaded.model).eval()
     # Batch 2: torch.export specialises a size-1 dimension to a constant.
     example = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
@@ -140,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     check_img_size(parser, args.img_size, "--img-size")
     if args.opset < 17:
         parser.error(f"--opset must be >= 17, got {args.opset}")
+    export_e2e.check_args(parser, args)
     try:
         info = export(args)
     except (CheckpointError, ImportError) as e:
@@ -147,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     check = ("matches PyTorch (max error " + ", ".join(f"{k} {v:.1e}" for k, v in info["max_error"].items()) + ")"
              if info["verified"] else "not verified")
+    what = (f"end to end, K={info['max_det']}; outputs {', '.join(info['outputs'])}" if args.end_to_end
+            else f"no NMS; outputs {', '.join(OUTPUT_NAMES)}")
     print(f"exported RTMDet-Ins-{info['size']} ({info['num_classes']} classes) at {info['img_size']}px to "
-          f"{info['output']} ({info['format']}, no NMS; outputs {', '.join(OUTPUT_NAMES)}): {check}")
+          f"{info['output']} ({info['format']}, {what}): {check}")
     return 0
 
 

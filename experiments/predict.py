@@ -31,25 +31,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from datamodules import DatasetError
-from datamodules.images import has_transparency, load_image_noted
+from datamodules.images import load_image_noted
 from rtmdet import SIZES, CheckpointError, preprocess
 from experiments.errors import check_img_size
+from experiments.overlay import draw_overlay
+from experiments.predict_files import list_inputs, read_rgba, slug, unique_stems
 from experiments.tiling_options import ImagePredictor, add_tiling_arguments, cap_report, check_tiling_arguments
-from experiments.visualize import draw_overlay
 from rtmdet.checkpoint import load_checkpoint
 from rtmdet.inference import coco_results, cutouts
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,29 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the network (pays off over many images; the first batch compiles)")
     add_tiling_arguments(p, default_tile="auto")
     return p
-
-
-def list_inputs(path: Path) -> list[Path]:
-    if not path.exists():
-        raise FileNotFoundError(f"input not found: {path}")
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {path}")
-    return files
-
-
-def read_rgba(path: Path) -> np.ndarray | None:
-    """The image as RGBA (H, W, 4) when it has transparency (for the cut-outs' alpha), else None."""
-    with Image.open(path) as im:
-        if has_transparency(im):
-            return np.array(ImageOps.exif_transpose(im).convert("RGBA"))
-    return None
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
 
 
 def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]], int]:
@@ -114,7 +89,7 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]
     names = list(loaded.class_names or [f"class{i}" for i in range(model.num_classes)])
     out_dir = Path(args.output)
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-    stems = _unique_stems(files)
+    stems = unique_stems(files)
     results, failures, done, args.capped = [], [], 0, []
     batch: list[tuple[int, Path, np.ndarray]] = []
 
@@ -159,14 +134,6 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]
     return results, failures, done
 
 
-def _unique_stems(files: list[Path]) -> dict[Path, str]:
-    """Output name per input: its stem, or stem_ext when two inputs share a stem."""
-    counts: dict[str, int] = {}
-    for f in files:
-        counts[f.stem] = counts.get(f.stem, 0) + 1
-    return {f: _slug(f.stem if counts[f.stem] == 1 else f"{f.stem}_{f.suffix.lstrip('.')}") for f in files}
-
-
 def _save_image(image_id: int, path: Path, image: np.ndarray, pred: dict, stem: str, names: list[str],
                 out_dir: Path) -> list[dict]:
     """Overlay and cut-outs of one image; returns its results entries."""
@@ -182,7 +149,7 @@ def _save_image(image_id: int, path: Path, image: np.ndarray, pred: dict, stem: 
         label = int(pred["labels"][k])
         entry.update(file_name=path.name, category_name=names[label], cutout=None)
         if cut is not None:
-            rel = Path("cutouts") / stem / f"{stem}_{k:03d}_{_slug(names[label])}.png"
+            rel = Path("cutouts") / stem / f"{stem}_{k:03d}_{slug(names[label])}.png"
             (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(cut[0], "RGBA").save(out_dir / rel)
             entry["cutout"] = rel.as_posix()

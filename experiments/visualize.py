@@ -1,62 +1,23 @@
-"""Drawing instances (masks tinted per class, boxes, "class score" labels) and the validation panel.
+"""The validation panel: ground truth and predictions drawn side by side (``experiments.overlay``).
 
-``draw_overlay`` serves ``experiments.predict``; :class:`ValidationImagePanel` is the callback that
+:class:`ValidationImagePanel` is the callback that
 logs, at every validation, a few validation images with ground truth and predictions side by side
 (to W&B when the run has a ``WandbLogger``; optionally as PNGs in the run folder).
 """
 
 from __future__ import annotations
 
-import colorsys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from rtmdet.crop_masks import CropMasks
+from experiments.overlay import class_colour, draw_overlay  # noqa: F401  (their home before)
 from rtmdet.postprocess import InstancePostProcess
 from rtmdet.preprocess import MEAN_BGR, STD_BGR
-
-
-def class_colour(label: int) -> tuple[int, int, int]:
-    """A distinct saturated colour per class (golden-ratio hue steps)."""
-    r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.85, 1.0)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def draw_overlay(image: np.ndarray, pred: dict, names: list[str]) -> Image.Image:
-    """image: (H, W, 3) uint8 RGB; pred: numpy boxes (N, 4) xyxy, labels (N,), masks (N, H, W) bool
-    or ``CropMasks``, and optionally scores (N,) (ground truth has none: labels are drawn without a score)."""
-    scores = pred.get("scores")
-    n = len(pred["labels"])
-    out = image.astype(np.float32)
-    masks = pred["masks"]
-    for k in reversed(range(n)):  # the best instance is painted last, on top
-        colour = np.array(class_colour(int(pred["labels"][k])), np.float32)
-        if isinstance(masks, CropMasks):
-            m, (x0, y0, x1, y1) = masks.mask(k)
-            region = out[y0:y1, x0:x1]
-        else:
-            m, region = masks[k], out
-        region[m] = 0.5 * region[m] + 0.5 * colour
-    im = Image.fromarray(out.round().astype(np.uint8))
-    draw = ImageDraw.Draw(im)
-    width = max(1, round(min(image.shape[:2]) / 300))
-    for k in reversed(range(n)):
-        label = int(pred["labels"][k])
-        colour = class_colour(label)
-        x0, y0, x1, y1 = (float(v) for v in pred["boxes"][k])
-        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
-        name = names[label] if label < len(names) else str(label)
-        text = name if scores is None else f"{name} {float(scores[k]):.2f}"
-        tx0, ty0, tx1, ty1 = draw.textbbox((x0, y0), text)
-        ty = max(y0 - (ty1 - ty0) - 2, 0)  # above the box, or inside it at the top edge
-        draw.rectangle([tx0, ty, tx1 + 2, ty + (ty1 - ty0) + 2], fill=colour)
-        draw.text((x0 + 1, ty + 1 - (ty0 - y0)), text, fill=(0, 0, 0))
-    return im
 
 
 def denormalize(images: torch.Tensor) -> np.ndarray:

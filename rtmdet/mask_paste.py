@@ -57,8 +57,8 @@ def resize_matrices(
     Without ``meta``: the padded input (H, W). With ``meta`` (an ``ImageMeta``: orig_size (h, w),
     scale_factor (w_scale, h_scale)): the original image, as the reference's rescale. The reference sizes the
     height with the x scale and the width with the y scale (docs/architecture.md#mask-rescale);
-    we do the same. Where its
-    ceil-rounded size falls a pixel short of the original, the last row/column is repeated.
+    we do the same. Where its ceil-rounded size falls a pixel short of the original, the last
+    row/column is repeated.
     """
     (h, w), (H, W) = feat_size, input_size
     ry = bilinear_matrix(H, h, 1.0 / stride, device)  # (H, h)

@@ -60,6 +60,22 @@ def test_side_by_side_without_an_mmdet_python_says_how_to_give_one(command):
     assert "--mmdet-python" in proc.stderr and "$RTMDET_MMDET_PYTHON" in proc.stderr
 
 
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime (the export extra)")
+def test_quick_export_e2e():
+    """The end-to-end ONNX benchmark part: both mask layouts exported, timed, and equal to predict."""
+    out = run_benchmarks("--parts", "export_e2e")
+    r = out["export_e2e"]
+    assert "error" not in r, r
+    assert r["torch_predict"]["detections"] == 100 and r["torch_predict"]["end_to_end_ms"] > 0
+    for mode in ("onnx_logits", "onnx_input"):
+        assert r[mode]["file_mb"] > 1 and r[mode]["graph_ms"] > 0 and r[mode]["end_to_end_ms"] > 0
+        agreement = r[mode]["agreement_with_predict"]
+        assert agreement["detections"] == [100, 100] and agreement["same_labels"], agreement
+    assert r["onnx_logits"]["agreement_with_predict"]["min_mask_iou"] >= 0.999
+    assert r["onnx_input"]["output_mb_per_image"] > 10 * r["onnx_logits"]["output_mb_per_image"]
+    assert set(out["summary"]["export_e2e_end_to_end_ms"]) == {"torch_predict", "onnx_logits", "onnx_input"}
+
+
 @pytest.mark.parity
 @pytest.mark.skipif(importlib.util.find_spec("mmdet") is None, reason="needs mmdet 3.3.0 (the parity venv)")
 def test_quick_side_by_side_with_mmdet():

@@ -142,7 +142,7 @@ def test_image_modes_load_as_rgb(tmp_path):
 def test_transparency_is_one_rule_for_loading_and_cutouts(tmp_path):
     """``has_transparency`` decides both the grey compositing of ``load_image`` and whether
     ``experiments.predict`` keeps the alpha for its cut-outs."""
-    from experiments.predict import read_rgba
+    from experiments.predict_files import read_rgba
 
     pt = Image.new("P", (4, 3), 0)
     pt.putpalette([9, 9, 9] + [0] * 765)
