@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from rtmdet.crop_masks import tight_box
+
 from .errors import DatasetError
 
 
@@ -23,12 +25,13 @@ def nearest_index(src: int, dst: int) -> np.ndarray:
 
 def _tight(crop: np.ndarray, x0: int, y0: int) -> tuple[np.ndarray, int, int]:
     """Shrink a crop to the bounding box of its True pixels (an empty mask -> (0, 0) at 0, 0)."""
-    rows, cols = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
-    if not len(rows):
+    box = tight_box(crop)
+    if box is None:
         return np.zeros((0, 0), bool), 0, 0
-    if len(rows) == crop.shape[0] and len(cols) == crop.shape[1]:
+    bx0, by0, bx1, by1 = box
+    if (bx1 - bx0, by1 - by0) == (crop.shape[1], crop.shape[0]):
         return crop, x0, y0
-    return crop[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], x0 + int(cols[0]), y0 + int(rows[0])
+    return crop[by0:by1, bx0:bx1], x0 + bx0, y0 + by0
 
 
 class InstanceMasks:

@@ -46,6 +46,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from rtmdet.crop_masks import tight_box
+
 # Bump when the drawing code or the defaults below change: the cache folder is named after it.
 GENERATOR_VERSION = "v1"
 DEFAULT_TRAIN_IMAGES = 400
@@ -244,9 +246,8 @@ CLASSES: tuple[str, ...] = tuple(SPRITES)
 def draw_sprite(name: str, rng: np.random.Generator) -> Sprite:
     """Draw one sprite of class ``name``, cropped to the tight extent of its alpha."""
     rgb, alpha = SPRITES[name](rng)
-    ys, xs = np.nonzero(alpha.any(1))[0], np.nonzero(alpha.any(0))[0]
-    crop = slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
-    return rgb[crop], alpha[crop]
+    x0, y0, x1, y1 = tight_box(alpha)
+    return rgb[y0:y1, x0:x1], alpha[y0:y1, x0:x1]
 
 
 # ---------------------------------------------------------------- backgrounds and images

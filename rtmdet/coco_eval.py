@@ -29,6 +29,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from datamodules.coco import CocoGroundTruth
 
 from .crop_masks import CropMasks
+from .inference import mask_rles
 
 # COCOeval.stats[0..11], in order.
 STAT_NAMES = (
@@ -162,11 +163,7 @@ class COCOMetric(Metric):
                 f"image {img_id}: masks have shape {tuple(masks.shape)}, expected ({n}, {h}, {w}): "
                 f"one mask per box at the original image size (height, width) of the ground truth"
             )
-        if isinstance(masks, CropMasks):
-            return masks.to_rle()
-        # (N, W, H) C-contiguous viewed as (H, W, N) is the Fortran order that encode() wants.
-        m = masks.detach().transpose(1, 2).contiguous().to(torch.uint8).cpu().numpy().transpose(2, 1, 0)
-        return mask_util.encode(m)
+        return mask_rles(masks)
 
     def _sync_dist(self, dist_sync_fn=gather_all_tensors, process_group=None) -> None:
         # A rank that never called update() has empty lists, for which torchmetrics gathers a float32

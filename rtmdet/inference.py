@@ -13,14 +13,18 @@ import torch
 from .crop_masks import CropMasks, tight_box
 
 
-def mask_rles(masks: torch.Tensor | CropMasks) -> list[dict]:
-    """COCO compressed RLE per mask (``size`` [H, W], ``counts`` bytes) of dense (N, H, W) or CropMasks."""
+def mask_rles(masks: torch.Tensor | np.ndarray | CropMasks) -> list[dict]:
+    """COCO compressed RLE per mask (``size`` [H, W], ``counts`` bytes): the one encoder of the repo.
+
+    masks: dense (N, H, W) bool (tensor or array) or CropMasks (encoded from the crops, no dense stack).
+    """
     if isinstance(masks, CropMasks):
         return masks.to_rle()
-    m = masks.detach().cpu().numpy().astype(np.uint8)  # (N, H, W)
+    m = torch.as_tensor(masks).detach()
     if not len(m):
         return []
-    return mask_util.encode(np.asfortranarray(m.transpose(1, 2, 0)))  # wants (H, W, N) Fortran order
+    # (N, W, H) C-contiguous viewed as (H, W, N) is the Fortran order that encode() wants: one copy.
+    return mask_util.encode(m.transpose(1, 2).contiguous().to(torch.uint8).cpu().numpy().transpose(2, 1, 0))
 
 
 def coco_results(pred: dict, image_id: int, label_to_cat_id=None) -> list[dict]:
