@@ -6,6 +6,7 @@
     python -m benchmarks --side-by-side                     # the same, the python from $RTMDET_MMDET_PYTHON
     python -m benchmarks --parts latency --quick            # selected parts, few iterations (smoke test)
     python -m benchmarks --parts export_e2e                 # end-to-end ONNX vs predict (needs onnxruntime)
+    python -m benchmarks --parts tiling --ckpt CKPT         # tiled vs untiled on sprite sheets (+ memory)
 
 Each part runs in its own process (``python -m benchmarks.<part>``), one after the other, so that
 they do not compete for the cores and each one's peak memory is its own:
@@ -19,7 +20,10 @@ they do not compete for the cores and each one's peak memory is its own:
 * ``data_pipeline``: images/s of the training loader;
 * ``side_by_side``: ours / mmdet time ratios, measured alternately (``benchmarks/side_by_side.py``);
 * ``export_e2e`` (only when asked for): the end-to-end ONNX export run by onnxruntime against
-  ``model.predict`` at 640, file and output sizes (``benchmarks/export_e2e.py``).
+  ``model.predict`` at 640, file and output sizes (``benchmarks/export_e2e.py``);
+* ``tiling`` (only when asked for): sprite sheets predicted whole, in windows and image by image
+  (recall, mAP with ``--ckpt``, time per megapixel), and peak memory with 500 and 2,000 instances
+  on a 4096 x 4096 image (``benchmarks/tiling.py``).
 
 ``summary`` collects the headline numbers; the full outputs of every part follow it. Timings
 depend on the machine's load: ``load_avg_1min`` is recorded at the start and the end.
@@ -39,7 +43,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("latency", "train_step", "data_pipeline", "side_by_side", "export_e2e")
+PARTS = ("latency", "train_step", "data_pipeline", "side_by_side", "export_e2e", "tiling")
 
 
 def run_part(module: str, args: list[str]) -> dict:
@@ -97,6 +101,11 @@ def export_e2e(args) -> dict:
                     + (["--quick"] if args.quick else []))
 
 
+def tiling(args) -> dict:
+    flags = ["--threads", str(args.threads)] + (["--ckpt", args.ckpt] if args.ckpt else [])
+    return run_part("tiling", flags + (["--quick"] if args.quick else []))
+
+
 def summarize(results: dict) -> dict:
     """Headline numbers of the parts that ran (missing ones are left out)."""
     s: dict = {}
@@ -129,6 +138,10 @@ def summarize(results: dict) -> dict:
         s["export_e2e_end_to_end_ms"] = {k: get("export_e2e", *path) for k, path in (
             ("torch_predict", ("torch_predict", "end_to_end_ms")), ("onnx_logits", ("onnx_logits", "end_to_end_ms")),
             ("onnx_input", ("onnx_input", "end_to_end_ms")))}
+    if get("tiling"):
+        s["tiling"] = {mode: {k: get("tiling", mode, k) for k in ("recall_mask_iou50", "segm_mAP", "s_per_megapixel")}
+                       for mode in ("untiled", "tiled")}
+        s["tiling"]["memory_peak_rss_mb"] = {m["instances"]: m["peak_rss_mb"] for m in get("tiling", "memory") or []}
     for task in ("predict", "train"):
         if r := get("side_by_side", task):
             s[f"side_by_side_{task}"] = {"ratios": r["ratios"], "target_ratio": r["target_ratio"],
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", choices=PARTS,
-                   help="default: all but side_by_side (see --side-by-side) and export_e2e")
+                   help="default: all but side_by_side (see --side-by-side), export_e2e and tiling")
     p.add_argument("--quick", action="store_true",
                    help="small inputs and few iterations (a smoke test, not a measurement)")
     p.add_argument("--compile", action="store_true", help="add torch.compile timings (compilation takes minutes)")
@@ -150,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "$RTMDET_MMDET_PYTHON)")
     p.add_argument("--size", default="tiny")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ckpt", help="a trained sprite checkpoint for the tiling part's accuracy figures")
     args = p.parse_args(argv)
     from benchmarks.side_by_side import MMDET_PYTHON_ENV, mmdet_python_problem
 
@@ -166,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_1min_start": round(os.getloadavg()[0], 2),
     }
     runners = {"latency": latency, "train_step": train_step, "data_pipeline": data_pipeline,
-               "side_by_side": side_by_side, "export_e2e": export_e2e}
+               "side_by_side": side_by_side, "export_e2e": export_e2e, "tiling": tiling}
     results = {part: runners[part](args) for part in parts}
     header["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps({**header, "summary": summarize(results), **results}, indent=1))

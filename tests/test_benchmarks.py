@@ -42,6 +42,18 @@ def test_quick_run_all_parts():
     assert {"step_s", "first_step_s", "peak_rss_mb", "first_losses"} <= set(case)
 
 
+def test_quick_tiling_part():
+    out = run_benchmarks("--parts", "tiling")
+    t = out["tiling"]
+    assert "error" not in t, t
+    assert t["sheet_size"] == [256, 256] and t["instances_per_sheet"] > 0
+    for mode in ("untiled", "tiled"):
+        assert t[mode]["seconds"] > 0 and t[mode]["detections"] > 0
+    (mem,) = t["memory"]
+    assert mem["instances"] == mem["rles"] == 20 < mem["found"] and mem["peak_rss_mb"] > 0
+    assert set(out["summary"]["tiling"]) == {"untiled", "tiled", "memory_peak_rss_mb"}
+
+
 def test_part_selection_and_missing_mmdet_python():
     out = run_benchmarks("--parts", "data_pipeline")
     assert out["parts"] == ["data_pipeline"] and "latency" not in out
