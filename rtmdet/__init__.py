@@ -8,6 +8,7 @@ from .model import SIZES, RTMDetIns, build_model, count_parameters
 from .outputs import RawOutputs
 from .postprocess import InstancePostProcess
 from .preprocess import ImageMeta, letterbox, normalize, preprocess
+from .tiling import TiledPredictor
 
 __all__ = [
     "SIZES",
@@ -19,6 +20,7 @@ __all__ = [
     "RTMDetIns",
     "RTMDetInsCriterion",
     "RawOutputs",
+    "TiledPredictor",
     "build",
     "build_model",
     "count_parameters",
