@@ -118,7 +118,7 @@ def _evaluate(model, postprocess, ann_file, img_dir, img_size, nearest, mode: st
     metric = COCOMetric(str(ann_file), label_to_cat)
     seconds, windows, pixels = 0.0, 0, 0
     for im in gt["images"]:
-        image = np.asarray(Image.open(Path(img_dir) / im["file_name"]).convert("RGB"))
+        image = np.array(Image.open(Path(img_dir) / im["file_name"]).convert("RGB"))
         pixels += image.shape[0] * image.shape[1]
         t0 = time.perf_counter()
         if mode == "untiled":
