@@ -455,7 +455,7 @@ def test_out_of_memory_names_the_batch(monkeypatch):
 
     # In backward (CPU allocator message): the same, through the LightningModule.backward hook.
     monkeypatch.setattr(module.model, "forward", lambda images: None)
-    monkeypatch.setattr(module.model, "loss", lambda out, targets: {
+    monkeypatch.setattr(module.criterion, "forward", lambda out, targets: {
         "loss_cls": _OomInBackward.apply(torch.ones(2, requires_grad=True))})
     loss = module.training_step(batch, 0)
     with pytest.raises(RuntimeError, match=r"image ids \[7, 11\], instances \[3, 0\].*DefaultCPUAllocator"):
