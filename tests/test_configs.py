@@ -39,3 +39,14 @@ def test_coco_recipes_follow_the_official_schedule(size):
     assert cfg.trainer["max_epochs"] == 300
     switch = next(c for c in cfg.trainer["callbacks"] if c["class_path"].endswith("PipelineSwitch"))
     assert switch["init_args"]["switch_epoch"] == 280
+
+
+def test_pixelart_recipe_differs_from_the_sprite_recipe_only_by_its_levers():
+    pixel, sprite = (_load(Path(train.__file__).parent / "configs" / f"{n}_tiny.yaml") for n in ("pixelart", "sprites"))
+    assert pixel.model["mask_loss_stride"] in (1, 2) and "mask_loss_stride" not in sprite.model
+    assert pixel.data["copy_paste_prob"] > 0 and pixel.data["nearest_resize"] is True
+    assert min(pixel.data["random_resize_ratio"]) * 8 >= 8  # an 8-px sprite stays at least one P3 cell wide
+    levers = {"mask_loss_stride", "copy_paste_prob", "copy_paste_max_instances", "random_resize_ratio"}
+    assert {k: v for k, v in pixel.model.items() if k not in levers} == sprite.model
+    assert {k: v for k, v in pixel.data.items() if k not in levers} == {k: v for k, v in sprite.data.items()
+                                                                         if k != "random_resize_ratio"}
