@@ -3,6 +3,7 @@
     python -m experiments.predict --ckpt PATH --input IMG_OR_DIR --output DIR [--score-thr 0.3]
         [--img-size 640] [--nearest | --no-nearest] [--size tiny] [--batch-size 4] [--device cpu]
         [--fuse] [--compile] [--tile-size auto|none|N] [--tile-overlap 0.2] [--whole-image] [--max-det K]
+        [--refine-masks]
 
 Writes into DIR:
 
@@ -45,6 +46,7 @@ from experiments.tiling_options import ImagePredictor, add_tiling_arguments, cap
 from experiments.visualize import draw_overlay
 from rtmdet.checkpoint import load_checkpoint
 from rtmdet.inference import coco_results, cutouts
+from rtmdet.refine import refine_masks
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse", action="store_true", help="fold BatchNorm into the convs (same results, faster)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (pays off over many images; the first batch compiles)")
+    p.add_argument("--refine-masks", action="store_true",
+                   help="snap masks to the image's pixel-art colours (rtmdet/refine.py; lossless pixel art)")
     add_tiling_arguments(p, default_tile="auto")
     return p
 
@@ -117,6 +121,8 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]
 
     def save(image_id: int, path: Path, image: np.ndarray, p) -> None:
         nonlocal done
+        if args.refine_masks:
+            p.pred["masks"] = refine_masks(image, p.pred["masks"], p.pred["boxes"])
         results.extend(_save_image(image_id, path, image, p.pred, stems[path], names, out_dir))
         if p.capped:
             args.capped.append((path.name, p))
