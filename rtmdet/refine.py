@@ -42,7 +42,7 @@ def _colour_keys(image: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
-def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+def dilate(mask: np.ndarray, r: int) -> np.ndarray:
     """Square (Chebyshev) dilation of a (h, w) bool mask by r px (separable running max)."""
     out = mask
     for axis in (0, 1):
@@ -71,7 +71,7 @@ def refine_instance(image: np.ndarray, mask: np.ndarray, ratio: float = 2.0, bg_
     n_out = np.bincount(index[~mask], minlength=len(colours))
     f_in, f_out = n_in / n_mask, n_out / (mask.size - n_mask)
     mine, theirs = f_in > ratio * f_out, f_out > bg_ratio * f_in  # (K,) bool
-    refined = (mine[index] & _dilate(mask, reach)) | (mask & ~mine[index] & ~theirs[index])
+    refined = (mine[index] & dilate(mask, reach)) | (mask & ~mine[index] & ~theirs[index])
     kept = int((refined & mask).sum())
     if kept == 0 or kept < min_overlap * n_mask:
         return mask

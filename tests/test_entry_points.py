@@ -227,6 +227,16 @@ def test_predict_refine_masks_snaps_to_the_sprite(ws, tmp_path):
     assert masks[False][changed[0]][square].all()
 
 
+def test_refine_benchmark_scores_both_sides(ws, capsys):
+    from benchmarks import refine_masks
+
+    refine_masks.main(["--ckpt", str(ws["ckpt"]), "--ann-file", str(ws["ann_file"]), "--img-dir", str(ws["img_dir"])])
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"] == 4 and out["gt_instances"] > 0
+    for side in ("predicted", "refined"):
+        assert set(out[side]) >= {"mAP", "mAP_s", "boundary_f", "exact_share"}
+
+
 # -------------------------------------------------------------------------------------- evaluate
 
 def test_evaluate_writes_metrics(ws, predictions, tmp_path, capsys):

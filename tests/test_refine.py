@@ -1,10 +1,11 @@
 """Pixel-exact mask refinement (rtmdet/refine.py) on synthetic pixel-art sprites."""
 
 import numpy as np
+import pytest
 import torch
 
 from rtmdet.crop_masks import CropMasks
-from rtmdet.refine import _dilate, refine_masks
+from rtmdet.refine import dilate, refine_masks
 
 BODY, EYE = (220, 60, 40), (20, 20, 30)
 
@@ -40,7 +41,7 @@ def checker(h=64, w=64, a=(90, 150, 230), b=(100, 160, 240)):
 
 def blob(mask, r=2):
     """What stride-8 prototypes give: the sprite grown by r px, hole filled, corners rounded."""
-    grown = _dilate(mask, r)
+    grown = dilate(mask, r)
     ys, xs = np.nonzero(mask)
     filled = grown.copy()
     filled[ys.min():ys.max() + 1, xs.min():xs.max() + 1] |= True  # hole and notches filled
@@ -62,7 +63,7 @@ def test_blurred_dilated_mask_snaps_to_the_sprite_pixels():
 
 def test_a_mask_one_pixel_short_gets_its_edge_back():
     image, truth = scene(checker())
-    eroded = truth & ~_dilate(~truth, 1)  # the prediction misses the sprite's outline
+    eroded = truth & ~dilate(~truth, 1)  # the prediction misses the sprite's outline
     eroded[16:19, 31] = False  # and the antenna's tip beyond one pixel of reach stays out
     out = refine_masks(image, crop_masks(eroded | blob(truth, 0) & truth)).to_dense()[0].numpy()
     np.testing.assert_array_equal(out, truth)
@@ -117,3 +118,19 @@ def test_an_8px_sprite_in_a_blob_three_times_its_size():
     pred[26:42, 26:42] = True  # 256 px predicted for 62 px of sprite
     out = refine_masks(image, crop_masks(pred)).to_dense()[0].numpy()
     np.testing.assert_array_equal(out, truth)
+
+
+def test_boundary_f_score_known_values():
+    from benchmarks.refine_masks import boundary, boundary_f
+
+    a = np.zeros((20, 20), bool)
+    a[5:15, 5:15] = True
+    assert boundary(a).sum() == 36 and boundary_f(a, a) == 1.0
+    shifted = np.roll(a, 1, axis=1)  # one pixel off: within a 1-px tolerance, not within 0
+    assert boundary_f(shifted, a, 1) == 1.0
+    # at 0 px the shared boundary pixels: top and bottom rows minus their two end pixels (2 x 9)
+    # plus none of the columns; precision = recall = 18 / 36
+    assert boundary_f(shifted, a, 0) == pytest.approx(18 / 36)
+    far = np.zeros_like(a)
+    far[0:3, 0:3] = True
+    assert boundary_f(far, a, 1) == 0.0
