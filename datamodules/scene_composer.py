@@ -181,7 +181,8 @@ def compose_scene(rng: np.random.Generator, size: tuple[int, int], categories: l
     for _ in range(int(rng.integers(0, 4)) if clutter else 0):  # scenery: not annotated
         sprite = _draw_sprite(rng, clutter[int(rng.integers(len(clutter)))])
         if sprite is not None:
-            _paste(image, sprite, int(rng.integers(-sprite.shape[1] // 2, w)), int(rng.integers(-sprite.shape[0] // 2, h)))
+            sh, sw = sprite.shape[:2]
+            _paste(image, sprite, int(rng.integers(-sw // 2, w)), int(rng.integers(-sh // 2, h)))
     by_category: dict[str, list[Design]] = {}
     for d in designs:
         by_category.setdefault(d.category, []).append(d)

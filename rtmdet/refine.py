@@ -107,7 +107,8 @@ def refine_masks(image: np.ndarray | torch.Tensor, masks: CropMasks, boxes: torc
             continue
         if boxes is not None:
             bx0, by0, bx1, by1 = boxes[k].tolist()
-            x0, y0, x1, y1 = min(x0, int(bx0)), min(y0, int(by0)), max(x1, int(np.ceil(bx1))), max(y1, int(np.ceil(by1)))
+            x0, y0 = min(x0, int(bx0)), min(y0, int(by0))
+            x1, y1 = max(x1, int(np.ceil(bx1))), max(y1, int(np.ceil(by1)))
         ring = max(min_ring, int(round(ring_fraction * max(x1 - x0, y1 - y0))))
         wx0, wy0, wx1, wy1 = max(x0 - ring, 0), max(y0 - ring, 0), min(x1 + ring, W), min(y1 + ring, H)
         window = np.zeros((wy1 - wy0, wx1 - wx0), bool)  # the prediction inside the window

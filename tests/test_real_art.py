@@ -66,8 +66,9 @@ def wheel_and_source(tmp_path_factory):
         for name, data in members.items():
             zf.writestr(name, data)
     source = ArtSource(
-        package="toyart", version="1.0", licence="CC0-1.0", licence_url="http://creativecommons.org/publicdomain/zero/1.0/",
-        author="the tests", licence_files=("toyart/LICENSE.txt",), categories=("ring", "comb"),
+        package="toyart", version="1.0", licence="CC0-1.0",
+        licence_url="http://creativecommons.org/publicdomain/zero/1.0/", author="the tests",
+        licence_files=("toyart/LICENSE.txt",), categories=("ring", "comb"),
         designs=tuple(Design(n, n.split("_")[0], (f"toyart/art/{n}.png",)) for n in COLOURS),
         tiles=("toyart/art/tile.png",), clutter=("toyart/art/rock.png",))
     return wheel, source
@@ -99,10 +100,12 @@ def test_masks_are_the_visible_sprite_pixels_exactly(built, split):
     for image_id, image in images.items():
         assert image.shape == (96, 96, 3) and image.dtype == np.uint8
         anns = [a for a in coco["annotations"] if a["image_id"] == image_id]
-        masks = np.stack([mask_utils.decode(a["segmentation"]).astype(bool) for a in anns]) if anns else np.zeros((0, 96, 96), bool)
+        masks = np.zeros((len(anns), 96, 96), bool)
+        for k, a in enumerate(anns):
+            masks[k] = mask_utils.decode(a["segmentation"])
         assert masks.sum(0).max(initial=0) <= 1  # disjoint: every pixel belongs to at most one instance
         for name, colour in COLOURS.items():  # union of a design's masks == the pixels of its colour
-            union = masks[[a["design"] == name for a in anns]].any(0) if anns else np.zeros((96, 96), bool)
+            union = masks[np.array([a["design"] == name for a in anns], bool)].any(0)
             np.testing.assert_array_equal(union, (image == colour).all(-1), err_msg=f"{split} image {image_id} {name}")
         for a, m in zip(anns, masks):
             ys, xs = np.nonzero(m)
@@ -170,7 +173,8 @@ def test_missing_member_and_reserved_packs_are_named(tmp_path, wheel_and_source)
     missing = ArtSource(**{**vars(source), "tiles": ("toyart/art/nope.png",)})
     with pytest.raises(RealArtError, match=r"toyart-1.0.*missing.*nope.png"):
         build_real_art(tmp_path, wheel, missing, counts=COUNTS, size=96)
-    reserved = ArtSource(**{**vars(source), "clutter": ("arcade/resources/assets/images/cybercity_background/far.png",)})
+    ansimuz = "arcade/resources/assets/images/cybercity_background/far.png"
+    reserved = ArtSource(**{**vars(source), "clutter": (ansimuz,)})
     with pytest.raises(RealArtError, match="reserved"):
         build_real_art(tmp_path, wheel, reserved, counts=COUNTS, size=96)
     with pytest.raises(RealArtError, match="not a readable wheel"):
