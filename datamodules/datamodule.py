@@ -70,6 +70,9 @@ class COCODataModule(L.LightningDataModule):
             with one :class:`DatasetError` listing all that are missing, not images, truncated or of
             another size than the json says (:meth:`validate_images`, ~1 ms an image). Turn it off
             for huge datasets that were checked already.
+        copy_paste_prob: probability of Simple Copy-Paste (``datamodules/transforms/copy_paste.py``) in
+            the stage-1 pipeline; 0 (default, official): no copy-paste step at all.
+        copy_paste_max_instances: at most this many instances pasted at a time.
     """
 
     def __init__(
@@ -94,6 +97,8 @@ class COCODataModule(L.LightningDataModule):
         pin_memory: bool = False,
         seed: int | None = None,
         check_images: bool = True,
+        copy_paste_prob: float = 0.0,
+        copy_paste_max_instances: int = 20,
     ):
         super().__init__()
         if train_ann_file is None:  # no data given: the embedded sprite dataset (generated once, cached)
@@ -141,7 +146,8 @@ class COCODataModule(L.LightningDataModule):
     def _train_pipeline(self, stage: int) -> Compose:
         h = self.hparams
         return train_pipeline(stage, h.img_size, tuple(h.random_resize_ratio), h.mosaic_cache, h.mixup_cache,
-                              h.mixup_prob, h.cache_random_pop, h.nearest_resize, reject_empty=not h.train_empty_images)
+                              h.mixup_prob, h.cache_random_pop, h.nearest_resize, reject_empty=not h.train_empty_images,
+                              copy_paste_prob=h.copy_paste_prob, copy_paste_max_instances=h.copy_paste_max_instances)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:

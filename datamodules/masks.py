@@ -170,6 +170,16 @@ class InstanceMasks:
             crops.append(c), offsets.append((x, y))
         return InstanceMasks(crops, offsets, wh, ww)
 
+    def erase(self, covered: np.ndarray) -> "InstanceMasks":
+        """The masks minus the pixels of ``covered`` ((H, W) bool, e.g. what was pasted over them);
+        crops re-tightened, a mask covered entirely becomes empty."""
+        crops, offsets = list(self.crops), self.offsets.copy()
+        for i, (c, (x, y)) in enumerate(zip(self.crops, self.offsets)):
+            hit = covered[y:y + c.shape[0], x:x + c.shape[1]]
+            if c.size and (c & hit).any():
+                crops[i], offsets[i, 0], offsets[i, 1] = _tight(c & ~hit, x, y)
+        return InstanceMasks(crops, offsets, self.height, self.width)
+
     def flip(self) -> "InstanceMasks":
         """Left-right mirror in the frame."""
         hw = self.sizes()

@@ -44,9 +44,9 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from rtmdet.crop_masks import tight_box
+from rtmdet.inference import mask_rles
 
 # Bump when the drawing code or the defaults below change: the cache folder is named after it.
 GENERATOR_VERSION = "v1"
@@ -325,10 +325,11 @@ def render_image(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.nd
 
 # ---------------------------------------------------------------- COCO files
 
-def _annotation(mask: np.ndarray, label: int, image_id: int, ann_id: int) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
-    bbox = [float(xs[0]), float(ys[0]), float(xs[-1] - xs[0] + 1), float(ys[-1] - ys[0] + 1)]  # tight
+def mask_annotation(mask: np.ndarray, label: int, image_id: int, ann_id: int) -> dict:
+    """COCO annotation of one (H, W) bool mask: compressed RLE, tight bbox, area; ``category_id`` = label + 1."""
+    rle = mask_rles(mask[None])[0]
+    x0, y0, x1, y1 = tight_box(mask)
+    bbox = [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
     return {"id": ann_id, "image_id": image_id, "category_id": label + 1, "iscrowd": 0,
             "area": int(mask.sum()), "bbox": bbox,
             "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}}
@@ -358,7 +359,7 @@ def generate_sprite_dataset(out_dir: str | Path, num_images: int, image_size: in
         Image.fromarray(image).save(img_dir / file_name)
         images.append({"id": index + 1, "file_name": file_name, "height": h, "width": w})
         for mask, label in zip(masks, labels):
-            annotations.append(_annotation(mask, int(label), index + 1, len(annotations) + 1))
+            annotations.append(mask_annotation(mask, int(label), index + 1, len(annotations) + 1))
     coco = {
         "info": {"description": "procedural pixel-art sprites (datamodules/sprites.py)",
                  "version": GENERATOR_VERSION, "seed": seed, "split": split_name},

@@ -3,6 +3,7 @@
     python -m experiments.predict --ckpt PATH --input IMG_OR_DIR --output DIR [--score-thr 0.3]
         [--img-size 640] [--nearest | --no-nearest] [--size tiny] [--batch-size 4] [--device cpu]
         [--fuse] [--compile] [--tile-size auto|none|N] [--tile-overlap 0.2] [--whole-image] [--max-det K]
+        [--refine-masks]
 
 Writes into DIR:
 
@@ -48,6 +49,7 @@ from experiments.predict_files import list_inputs, read_rgba, slug, unique_stems
 from experiments.tiling_options import ImagePredictor, add_tiling_arguments, cap_report, check_tiling_arguments
 from rtmdet.checkpoint import load_checkpoint
 from rtmdet.inference import coco_results, cutouts
+from rtmdet.refine import refine_masks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse", action="store_true", help="fold BatchNorm into the convs (same results, faster)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (pays off over many images; the first batch compiles)")
+    p.add_argument("--refine-masks", action="store_true",
+                   help="snap masks to the image's pixel-art colours (rtmdet/refine.py; lossless pixel art)")
     add_tiling_arguments(p, default_tile="auto")
     return p
 
@@ -95,6 +99,8 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]
 
     def save(image_id: int, path: Path, image: np.ndarray, p) -> None:
         nonlocal done
+        if args.refine_masks:
+            p.pred["masks"] = refine_masks(image, p.pred["masks"], p.pred["boxes"])
         results.extend(_save_image(image_id, path, image, p.pred, stems[path], names, out_dir))
         if p.capped:
             args.capped.append((path.name, p))

@@ -137,3 +137,16 @@ def test_finetune_recipe_loads_pretrained_through_the_module(sprites, official_t
         RTMDetInsModule("tiny", num_classes=8, pretrained=str(official_tiny))
     with pytest.raises(CheckpointError, match="not found"):
         RTMDetInsModule("tiny", num_classes=8, pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_pixelart_recipe_differs_from_the_sprite_recipe_only_by_its_levers():
+    pixel, sprite = (parse(Path(train.__file__).parent / "configs" / f"{n}_tiny.yaml") for n in ("pixelart", "sprites"))
+    assert pixel.model.mask_loss_stride in (1, 2) and sprite.model.mask_loss_stride == 4  # 4: the reference's
+    assert pixel.data.copy_paste_prob > 0 == sprite.data.copy_paste_prob and pixel.data.nearest_resize is True
+    assert min(pixel.data.random_resize_ratio) * 8 >= 8  # an 8-px sprite stays at least one P3 cell wide
+    levers = {"mask_loss_stride", "copy_paste_prob", "copy_paste_max_instances", "random_resize_ratio"}
+
+    def without_levers(ns):
+        return {k: v for k, v in ns.as_dict().items() if k not in levers}
+    assert without_levers(pixel.model) == without_levers(sprite.model)
+    assert without_levers(pixel.data) == without_levers(sprite.data)

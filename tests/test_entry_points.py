@@ -208,6 +208,38 @@ def test_predict_failures_and_errors(ws, tmp_path, capsys):
     assert "g.ckpt is not a PyTorch checkpoint" in err and "Traceback" not in err
 
 
+def test_predict_refine_masks_snaps_to_the_sprite(ws, tmp_path):
+    """A flat red square inside the known model's diamond around (32, 32): refined, that mask is the
+    square; the diamonds on flat grey alone have no colour evidence and stay as predicted."""
+    image = np.full((S, S, 3), 90, np.uint8)
+    image[27:37, 27:37] = (200, 50, 50)
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(image).save(src / "square.png")
+    masks = {}
+    for flag in ([], ["--refine-masks"]):
+        out = tmp_path / f"out{len(flag)}"
+        assert predict.main(["--ckpt", str(ws["ckpt"]), "--input", str(src), "--output", str(out), *flag]) == 0
+        results = json.loads((out / "results.json").read_text())
+        masks[bool(flag)] = {tuple(r["bbox"]): mask_util.decode(r["segmentation"]).astype(bool) for r in results}
+    assert masks[False].keys() == masks[True].keys() and len(masks[True]) == 4
+    square = np.zeros((S, S), bool)
+    square[27:37, 27:37] = True
+    changed = [k for k in masks[True] if not np.array_equal(masks[True][k], masks[False][k])]
+    assert len(changed) == 1 and np.array_equal(masks[True][changed[0]], square)
+    assert masks[False][changed[0]][square].all()
+
+
+def test_refine_benchmark_scores_both_sides(ws, capsys):
+    from benchmarks import refine_masks
+
+    refine_masks.main(["--ckpt", str(ws["ckpt"]), "--ann-file", str(ws["ann_file"]), "--img-dir", str(ws["img_dir"])])
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"] == 4 and out["gt_instances"] > 0
+    for side in ("predicted", "refined"):
+        assert set(out[side]) >= {"mAP", "mAP_s", "boundary_f", "exact_share"}
+
+
 # -------------------------------------------------------------------------------------- evaluate
 
 def test_evaluate_writes_metrics(ws, predictions, tmp_path, capsys):

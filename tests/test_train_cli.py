@@ -29,6 +29,14 @@ def test_fast_dev_run(tiny_dataset, tmp_path):
     assert (tmp_path / "results.json").exists()
 
 
+def test_pixelart_recipe_builds_and_trains_a_step(tiny_dataset, tmp_path):
+    from experiments.train import CONFIG_DIR
+
+    payload = main(["--config", str(CONFIG_DIR / "pixelart_tiny.yaml"), *tiny_dataset,
+                    f"--trainer.default_root_dir={tmp_path}", "--trainer.fast_dev_run=true"])
+    assert payload["global_step"] == 1  # copy-paste, stride-2 mask loss and the resize range all ran
+
+
 def test_two_epochs_results_json_and_resume_from_last(tiny_dataset, tmp_path):
     args = [*tiny_dataset, f"--trainer.default_root_dir={tmp_path}", "--trainer.limit_train_batches=2",
             "--trainer.check_val_every_n_epoch=1"]

@@ -31,12 +31,14 @@ Where things are:
   :class:`RandomFlip`, :class:`Pad`, :class:`Letterbox`.
 * ``colour.py``: :func:`hsv_shift` and :class:`YOLOXHSVRandomAug`.
 * ``mixing.py``: the multi-image steps with a cache, :class:`CachedMosaic` and :class:`CachedMixUp`.
+* ``copy_paste.py``: :class:`CopyPaste` (Ghiasi et al. 2021), an option of stage 1, off in the official pipeline.
 * ``filtering.py``: :class:`FilterAnnotations`.
 * ``pipelines.py``: the official :func:`train_pipeline` (stages 1 and 2) and :func:`val_pipeline`.
 """
 
 from .colour import YOLOXHSVRandomAug, hsv_shift
 from .compose import Compose, Sample, Transform
+from .copy_paste import CopyPaste
 from .filtering import FilterAnnotations
 from .geometry import resize_image
 from .mixing import CachedMixUp, CachedMosaic
@@ -47,6 +49,7 @@ __all__ = [
     "CachedMixUp",
     "CachedMosaic",
     "Compose",
+    "CopyPaste",
     "FilterAnnotations",
     "Letterbox",
     "Pad",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .colour import YOLOXHSVRandomAug
 from .compose import Compose
+from .copy_paste import CopyPaste
 from .filtering import FilterAnnotations
 from .mixing import CachedMixUp, CachedMosaic
 from .spatial import Letterbox, Pad, RandomFlip, RandomResizeCrop
@@ -11,17 +12,26 @@ from .spatial import Letterbox, Pad, RandomFlip, RandomResizeCrop
 
 def train_pipeline(stage: int = 1, img_size: int = 640, resize_ratio: tuple[float, float] = (0.5, 2.0),
                    mosaic_cache: int = 20, mixup_cache: int = 10, mixup_prob: float = 0.5,
-                   random_pop: bool = False, nearest: bool = False, reject_empty: bool = False) -> Compose:
+                   random_pop: bool = False, nearest: bool = False, reject_empty: bool = False,
+                   copy_paste_prob: float = 0.0, copy_paste_max_instances: int = 20) -> Compose:
     """Stage 1 (Mosaic ... MixUp, Filter) or stage 2 (no Mosaic/MixUp): mmdet's ``train_pipeline`` and
-    ``train_pipeline_stage2``; the defaults are those of the tiny recipe."""
+    ``train_pipeline_stage2``; the defaults are those of the tiny recipe.
+
+    ``copy_paste_prob`` > 0 adds :class:`CopyPaste` to stage 1 after Pad, before MixUp (its cache
+    of ``mixup_cache`` samples, popped like the others); at 0 (the official pipeline) the step is
+    not there at all, so the samples are those of the official pipeline draw for draw.
+    """
     S = img_size
     if stage == 1:
+        copy_paste = [CopyPaste(copy_paste_prob, copy_paste_max_instances, max(mixup_cache, 2), random_pop)
+                      ] if copy_paste_prob > 0 else []
         return Compose([
             CachedMosaic(S, mosaic_cache, random_pop, nearest=nearest),
             RandomResizeCrop(2 * S, resize_ratio, S, nearest),  # RandomResize(2S * r) -> RandomCrop(S)
             YOLOXHSVRandomAug(),
             RandomFlip(0.5),
             Pad(S),
+            *copy_paste,
             CachedMixUp(S, mixup_cache, random_pop, mixup_prob, nearest=nearest),
             FilterAnnotations((1, 1), reject_empty),
         ])
