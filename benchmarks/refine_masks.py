@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nearest", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--tolerance", type=int, default=1, help="boundary match tolerance in px")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
-    torch.set_grad_enabled(False)
-    print(json.dumps(run(p.parse_args(argv)), indent=1))
+    with torch.inference_mode():  # scoped: main() also runs inside other processes' tests
+        print(json.dumps(run(p.parse_args(argv)), indent=1))
 
 
 if __name__ == "__main__":

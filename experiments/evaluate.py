@@ -3,7 +3,7 @@
     python -m experiments.evaluate --ckpt PATH [--size tiny] [--data.val_ann_file F --data.val_img_dir D]
         [--data.img_size 640] [--data.nearest_resize] [--data.val_batch_size 5] [--data.num_workers 2]
         [--output results.json] [--device cpu] [--no-data.check_images]
-        [--tile-size none|auto|N] [--tile-overlap 0.2] [--whole-image] [--max-det K]
+        [--tile-size none|auto|N] [--tile-overlap 0.2] [--whole-image] [--max-det K] [--refine-masks]
 
 No data given: the embedded sprite dataset's val split. The input size and resize mode default to
 those the checkpoint was validated with (Lightning checkpoints), else 640 and bilinear. Prints a
@@ -14,7 +14,9 @@ the json says) ends with one ``error: ...`` listing every problem, before the mo
 
 ``--tile-size`` evaluates large images window by window, as ``experiments.predict`` predicts them
 (default ``none``: the whole image letterboxed, as the official numbers are measured); images that
-hit ``--max-det`` are listed.
+hit ``--max-det`` are listed. ``--refine-masks`` scores the masks after the pixel-art
+refinement of ``rtmdet/refine.py`` (as ``experiments.predict --refine-masks`` writes them); boxes
+and scores are unchanged by it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from experiments.tiling_options import (
 from rtmdet import SIZES, CheckpointError, normalize
 from rtmdet.coco_eval import COCOMetric
 from rtmdet.checkpoint import load_checkpoint
+from rtmdet.refine import refine_masks
 
 TABLE_STATS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
 
@@ -60,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open every image file first and report all bad ones at once (default: on)")
     p.add_argument("--output", default="results.json", help="metrics json (detections go beside it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--refine-masks", action="store_true",
+                   help="score the masks snapped to the image's pixel-art colours (rtmdet/refine.py)")
     add_tiling_arguments(p, default_tile="none")
     return p
 
@@ -91,6 +96,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     postprocess = loaded.postprocess(mask_format="crops")  # no (N, H, W) stack of the original size
     predictor = ImagePredictor(model, postprocess, img_size, nearest, args, args.device)
     args.capped = []
+    records = {r.image_id: r for r in annotations.records}
+
+    def refined(pred: dict, image_id: int, image=None) -> dict:
+        if not args.refine_masks:
+            return pred
+        if image is None:  # the batched path holds only the letterboxed input
+            record = records[image_id]
+            image = load_image(record.path, image_id, (record.height, record.width))
+        return dict(pred, masks=refine_masks(image, pred["masks"], pred["boxes"]))
+
     indices = []  # images letterboxed whole, batched through the data pipeline
     with torch.inference_mode():
         for i, record in enumerate(annotations.records):  # windows need the original image: loaded one by one
@@ -98,8 +113,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             if tile is None:
                 indices.append(i)
                 continue
-            p = predictor.tiled(load_image(record.path, record.image_id), tile)
-            metric.update([p.pred], [record.image_id])
+            image = load_image(record.path, record.image_id)
+            p = predictor.tiled(image, tile)
+            metric.update([refined(p.pred, record.image_id, image)], [record.image_id])
             if p.capped:
                 args.capped.append((f"image {record.image_id} ({Path(record.path).name})", p))
         dataset = CocoDataset(annotations, val_pipeline(img_size, nearest))
@@ -109,7 +125,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             preds = predictor.plain(model(normalize(images.to(args.device))), [t["meta"] for t in targets])
             for t, pred in zip(targets, preds):
                 found, k = len(pred["scores"]), predictor.plain_max_det
-                metric.update([{key: v[:k] for key, v in pred.items()}], [t["image_id"]])
+                metric.update([refined({key: v[:k] for key, v in pred.items()}, t["image_id"])], [t["image_id"]])
                 if found > k:
                     args.capped.append((f"image {t['image_id']}", Prediction(pred, found, k, 1)))
     stats = metric.compute()
@@ -121,7 +137,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                    num_classes=model.num_classes, ann_file=str(args.ann_file), img_dir=str(args.img_dir),
                    num_images=len(annotations.records), img_size=img_size, nearest_resize=nearest,
                    tile_size=args.tile_size, tile_overlap=args.tile_overlap, whole_image=args.whole_image,
-                   max_det=args.max_det, images_over_max_det=len(args.capped),
+                   max_det=args.max_det, images_over_max_det=len(args.capped), refine_masks=args.refine_masks,
                    detections_file=str(detections), wall_time_s=round(time.time() - start, 1))
     output.write_text(json.dumps(payload, indent=2))
     return payload
