@@ -22,12 +22,17 @@ class CropMasks:
         crops: N bool tensors, crop k of shape (y1 - y0, x1 - x0) of ``regions[k]``.
         regions: (N, 4) int64 (x0, y0, x1, y1), end-exclusive, inside the frame.
         size: (H, W) of the frame.
+        is_tight: the caller's promise that every crop is its mask's tight box (an empty mask a
+            0 x 0 crop at region (0, 0, 0, 0)), as :meth:`tight` makes them; then :meth:`boxes`
+            is the regions, with no pass over the pixels.
     """
 
-    def __init__(self, crops: Sequence[torch.Tensor], regions: torch.Tensor, size: tuple[int, int]):
+    def __init__(self, crops: Sequence[torch.Tensor], regions: torch.Tensor, size: tuple[int, int],
+                 is_tight: bool = False):
         self.crops = list(crops)
         self.regions = regions.reshape(-1, 4).to(torch.int64)
         self.size = (int(size[0]), int(size[1]))
+        self.is_tight = is_tight
         if len(self.crops) != len(self.regions):
             raise ValueError(f"{len(self.crops)} crops but {len(self.regions)} regions")
 
@@ -48,7 +53,8 @@ class CropMasks:
         frames = {m.size for m in items}
         if len(frames) != 1:
             raise ValueError(f"cannot concatenate masks of different frames {sorted(frames)}")
-        return cls([c for m in items for c in m.crops], torch.cat([m.regions.cpu() for m in items]), items[0].size)
+        return cls([c for m in items for c in m.crops], torch.cat([m.regions.cpu() for m in items]), items[0].size,
+                   is_tight=all(m.is_tight for m in items))
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -67,10 +73,11 @@ class CropMasks:
         else:
             idx = torch.as_tensor(index)
             idx = idx.nonzero().flatten().tolist() if idx.dtype == torch.bool else idx.flatten().tolist()
-        return CropMasks([self.crops[i] for i in idx], self.regions[idx] if idx else self.regions[:0], self.size)
+        return CropMasks([self.crops[i] for i in idx], self.regions[idx] if idx else self.regions[:0], self.size,
+                         is_tight=self.is_tight)
 
     def to(self, device) -> CropMasks:
-        return CropMasks([c.to(device) for c in self.crops], self.regions, self.size)
+        return CropMasks([c.to(device) for c in self.crops], self.regions, self.size, is_tight=self.is_tight)
 
     def cpu(self) -> CropMasks:
         return self.to("cpu")
@@ -78,20 +85,17 @@ class CropMasks:
     # ---------------------------------------------------------------------------- measurements
     def areas(self) -> torch.Tensor:
         """(N,) int64 pixels set per mask."""
-        return torch.tensor([int(c.sum()) for c in self.crops], dtype=torch.int64)
+        return torch.tensor([np.count_nonzero(c) for c in self._numpy()], dtype=torch.int64)
 
     def boxes(self) -> torch.Tensor:
         """(N, 4) int64 tight boxes (x0, y0, x1, y1), end-exclusive; (0, 0, 0, 0) for an empty mask."""
-        out = torch.zeros(len(self), 4, dtype=torch.int64)
-        for k, (crop, (x0, y0, _, _)) in enumerate(zip(self.crops, self.regions.tolist())):
-            box = tight_box(crop)
-            if box is not None:
-                out[k] = torch.tensor([x0 + box[0], y0 + box[1], x0 + box[2], y0 + box[3]])
-        return out
+        return self.regions.clone() if self.is_tight else self.tight().regions
 
     def tight(self) -> CropMasks:
         """The same masks with every crop shrunk to its mask's tight box (empty masks: a 0 x 0 crop)."""
-        crops, regions = [], torch.zeros(len(self), 4, dtype=torch.int64)
+        if self.is_tight:
+            return self
+        crops, regions = [], [(0, 0, 0, 0)] * len(self)
         for k, (crop, (x0, y0, _, _)) in enumerate(zip(self.crops, self.regions.tolist())):
             box = tight_box(crop)
             if box is None:
@@ -99,8 +103,8 @@ class CropMasks:
                 continue
             bx0, by0, bx1, by1 = box
             crops.append(crop[by0:by1, bx0:bx1])
-            regions[k] = torch.tensor([x0 + bx0, y0 + by0, x0 + bx1, y0 + by1])
-        return CropMasks(crops, regions, self.size)
+            regions[k] = (x0 + bx0, y0 + by0, x0 + bx1, y0 + by1)
+        return CropMasks(crops, torch.tensor(regions, dtype=torch.int64).reshape(-1, 4), self.size, is_tight=True)
 
     def intersections(self, i: torch.Tensor, other: CropMasks, j: torch.Tensor) -> torch.Tensor:
         """(K,) int64 pixels shared by ``self[i[k]]`` and ``other[j[k]]`` (same frame), pair by pair.
@@ -128,13 +132,13 @@ class CropMasks:
     def shift(self, dx: int, dy: int, size: tuple[int, int]) -> CropMasks:
         """Move the masks by (dx, dy) into a frame of ``size`` (h, w); what falls outside is cut off."""
         h, w = int(size[0]), int(size[1])
-        crops, regions = [], torch.zeros(len(self), 4, dtype=torch.int64)
-        for k, (crop, (x0, y0, x1, y1)) in enumerate(zip(self.crops, self.regions.tolist())):
+        crops, regions = [], []
+        for crop, (x0, y0, x1, y1) in zip(self.crops, self.regions.tolist()):
             nx0, ny0 = min(max(x0 + dx, 0), w), min(max(y0 + dy, 0), h)
             nx1, ny1 = max(min(x1 + dx, w), nx0), max(min(y1 + dy, h), ny0)
             crops.append(crop[ny0 - (y0 + dy):ny1 - (y0 + dy), nx0 - (x0 + dx):nx1 - (x0 + dx)])
-            regions[k] = torch.tensor([nx0, ny0, nx1, ny1])
-        return CropMasks(crops, regions, (h, w))
+            regions.append((nx0, ny0, nx1, ny1))
+        return CropMasks(crops, torch.tensor(regions, dtype=torch.int64).reshape(-1, 4), (h, w))
 
     def to_dense(self) -> torch.Tensor:
         """(N, H, W) bool. Allocates the full stack: for small frames and tests."""

@@ -90,11 +90,11 @@ def paste_mask_crops(logits: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor,
     """
     n = logits.shape[0]
     crops = [torch.zeros((0, 0), dtype=torch.bool, device=logits.device)] * n
-    regions = torch.zeros((n, 4), dtype=torch.int64)
+    regions = [(0, 0, 0, 0)] * n
     for k, (y0, y1, x0, x1), region in _regions(logits, ry, rx, threshold):
         crops[k] = region > threshold
-        regions[k] = torch.tensor([x0, y0, x1, y1])
-    return crops, regions.to(logits.device)
+        regions[k] = (x0, y0, x1, y1)
+    return crops, torch.tensor(regions, dtype=torch.int64, device=logits.device).reshape(n, 4)
 
 
 def _regions(logits: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor, threshold: float):

@@ -200,25 +200,26 @@ def merge_detections(pred: dict, windows: torch.Tensor, rank: torch.Tensor,
     for (i, j), s in zip(pairs.tolist(), inter):
         stats[i].append((j, s))
         stats[j].append((i, s))
-    order = sorted(range(n), key=lambda i: (int(rank[i]), -float(pred["scores"][i])))
+    ranks, scores = rank.tolist(), pred["scores"].tolist()
+    wins = [tuple(w) for w in windows.tolist()]
+    order = sorted(range(n), key=lambda i: (ranks[i], -scores[i]))
     group_of: dict[int, int] = {}  # detection -> index of its group in ``groups``
     groups: list[list[int]] = []
     for c in order:
         kept = [(group_of[j], j, s) for j, s in stats[c] if j in group_of]
-        iou = {j: s / max(areas[c] + areas[j] - s, 1) for _, j, s in kept}
-        if rank[c] == 2:
+        if ranks[c] == 2:
             if areas[c] == 0:  # a sliver at the window edge whose mask vanished: judge by its box
                 if any(_box_inside(boxes[c], boxes[j]) >= contain_thr for _, j, _ in kept):
                     continue
-            elif any(rank[j] < 2 and s >= contain_thr * areas[c] for _, j, s in kept):
+            elif any(ranks[j] < 2 and s >= contain_thr * areas[c] for _, j, s in kept):
                 continue  # a window holds it whole
-            partner = next((g for g, j, _ in kept if rank[j] == 2 and not torch.equal(windows[j], windows[c])
-                            and _overlap_iou(masks, c, j, windows) >= contain_thr), None)
+            partner = next((g for g, j, _ in kept if ranks[j] == 2 and wins[j] != wins[c]
+                            and _overlap_iou(masks, c, j, wins) >= contain_thr), None)
             if partner is not None:
                 group_of[c] = partner
                 groups[partner].append(c)
                 continue
-        if any(v > iou_thr for v in iou.values()):
+        if any(s / max(areas[c] + areas[j] - s, 1) > iou_thr for _, j, s in kept):
             continue  # a duplicate from an overlap
         group_of[c] = len(groups)
         groups.append([c])
@@ -270,9 +271,9 @@ def _reaching(idx: torch.Tensor, reach: torch.Tensor, band: torch.Tensor) -> tor
     return idx[inside]
 
 
-def _overlap_iou(masks: CropMasks, i: int, j: int, windows: torch.Tensor) -> float:
-    """Mask IoU of detections i and j restricted to the overlap of their windows."""
-    wi, wj = windows[i].tolist(), windows[j].tolist()
+def _overlap_iou(masks: CropMasks, i: int, j: int, windows: Sequence[tuple[int, int, int, int]]) -> float:
+    """Mask IoU of detections i and j restricted to the overlap of their windows (x0, y0, x1, y1)."""
+    wi, wj = windows[i], windows[j]
     band = (max(wi[0], wj[0]), max(wi[1], wj[1]), min(wi[2], wj[2]), min(wi[3], wj[3]))
     if band[2] <= band[0] or band[3] <= band[1]:
         return 0.0
@@ -295,29 +296,29 @@ def _window_view(masks: CropMasks, k: int, band: tuple[int, int, int, int]) -> t
 def _union(pred: dict, groups: list[list[int]], rank: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """One instance per group: union of masks and boxes, best score, the group's label and best rank."""
     masks: CropMasks = pred["masks"]
-    boxes, scores, labels, crops, regions, ranks = [], [], [], [], [], []
-    for g in groups:
-        idx = torch.tensor(g)
-        b = pred["boxes"][idx]
-        boxes.append(torch.cat([b[:, :2].amin(0), b[:, 2:].amax(0)]))
-        scores.append(pred["scores"][idx].max())
-        labels.append(pred["labels"][g[0]])
-        ranks.append(rank[idx].min())
-        if len(g) == 1:
-            crops.append(masks.crops[g[0]])
-            regions.append(masks.regions[g[0]])
-            continue
-        r = masks.regions[idx]
-        x0, y0, x1, y1 = int(r[:, 0].min()), int(r[:, 1].min()), int(r[:, 2].max()), int(r[:, 3].max())
-        crops.append(_window_view(masks, g[0], (x0, y0, x1, y1)))
-        for k in g[1:]:
-            crops[-1] |= _window_view(masks, k, (x0, y0, x1, y1))
-        regions.append(torch.tensor([x0, y0, x1, y1]))
     n = len(groups)
-    merged = {
-        "boxes": torch.stack(boxes) if n else pred["boxes"][:0],
-        "scores": torch.stack(scores) if n else pred["scores"][:0],
-        "labels": torch.stack(labels) if n else pred["labels"][:0],
-        "masks": CropMasks(crops, torch.stack(regions) if n else torch.zeros(0, 4, dtype=torch.int64), masks.size),
-    }
-    return merged, torch.stack(ranks) if n else rank[:0]
+    first = torch.tensor([g[0] for g in groups], dtype=torch.int64)  # (G,) the group's leader
+    member = torch.tensor([k for g in groups for k in g], dtype=torch.int64)  # (M,)
+    group = torch.repeat_interleave(torch.arange(n), torch.tensor([len(g) for g in groups], dtype=torch.int64))
+    b = pred["boxes"][member]
+    boxes = torch.cat([torch.full((n, 2), math.inf).scatter_reduce(0, group[:, None].expand(-1, 2), b[:, :2], "amin"),
+                       torch.full((n, 2), -math.inf).scatter_reduce(0, group[:, None].expand(-1, 2), b[:, 2:], "amax")],
+                      1).to(pred["boxes"].dtype)
+    scores = pred["scores"].new_full((n,), -math.inf).scatter_reduce(0, group, pred["scores"][member], "amax")
+    ranks = rank.new_full((n,), 3).scatter_reduce(0, group, rank[member], "amin")
+    crops, regions = [masks.crops[k] for k in first.tolist()], masks.regions[first].clone()
+    for i, g in enumerate(groups):
+        if len(g) == 1:
+            continue
+        r = masks.regions[torch.tensor(g)]
+        r = r[(r[:, 2:] > r[:, :2]).all(1)]  # empty parts add nothing (and have no place)
+        if not len(r):
+            continue
+        region = (int(r[:, 0].min()), int(r[:, 1].min()), int(r[:, 2].max()), int(r[:, 3].max()))
+        crops[i] = _window_view(masks, g[0], region)
+        for k in g[1:]:
+            crops[i] |= _window_view(masks, k, region)
+        regions[i] = torch.tensor(region)
+    merged = {"boxes": boxes, "scores": scores, "labels": pred["labels"][first],
+              "masks": CropMasks(crops, regions, masks.size, is_tight=masks.is_tight)}
+    return merged, ranks

@@ -32,7 +32,20 @@ def test_nms_equals_brute_force():
         for thr in (0.3, 0.6):
             expected = brute_force_nms(boxes, scores, thr)
             assert nms(boxes, scores, thr).tolist() == expected
-            assert nms(boxes, scores, thr, max_keep=3).tolist() == expected[:3]  # prefix search
+            assert nms(boxes, scores, thr, max_keep=3).tolist() == expected[:3]  # stops early
+            for block in (1, 7, 32):  # boxes decided across blocks: kept ones of earlier blocks suppress
+                assert nms(boxes, scores, thr, block=block).tolist() == expected
+                assert nms(boxes, scores, thr, max_keep=5, block=block).tolist() == expected[:5]
+
+
+def test_nms_of_a_thousand_candidates_equals_brute_force():
+    """The postprocess's nms_pre: 1000 clustered candidates, several default-sized blocks."""
+    g = torch.Generator().manual_seed(1)
+    boxes, scores = random_boxes(1000, g), torch.rand(1000, generator=g)
+    expected = brute_force_nms(boxes, scores, 0.6)
+    assert 100 < len(expected) < 1000
+    assert nms(boxes, scores, 0.6).tolist() == expected
+    assert nms(boxes, scores, 0.6, max_keep=100).tolist() == expected[:100]
 
 
 def test_nms_long_suppression_chain():
@@ -41,6 +54,7 @@ def test_nms_long_suppression_chain():
     boxes = torch.stack([x, torch.zeros(30), x + 10, torch.full((30,), 10.0)], 1)
     scores = torch.linspace(1, 0.1, 30)
     assert nms(boxes, scores, 0.5).tolist() == list(range(0, 30, 2)) == brute_force_nms(boxes, scores, 0.5)
+    assert nms(boxes, scores, 0.5, block=4).tolist() == list(range(0, 30, 2))  # the chain crosses blocks
 
 
 def test_batched_nms_is_class_aware():

@@ -182,6 +182,41 @@ def test_crop_masks_rle_equals_dense_encoding():
     assert torch.equal(masks.areas(), dense.flatten(1).sum(1))
 
 
+def test_crop_masks_boxes_are_the_tight_boxes_whether_or_not_known_tight():
+    g = torch.Generator().manual_seed(1)
+    dense = torch.rand(6, 17, 29, generator=g) > 0.97
+    dense[2] = False
+    want = torch.tensor([[0, 0, 0, 0] if not m.any() else
+                         [m.any(0).nonzero().min(), m.any(1).nonzero().min(), m.any(0).nonzero().max() + 1,
+                          m.any(1).nonzero().max() + 1] for m in dense])
+    loose = CropMasks(list(dense), torch.tensor([[0, 0, 29, 17]] * 6), (17, 29))
+    tight = CropMasks.from_dense(dense)
+    assert not loose.is_tight and tight.is_tight and tight.tight() is tight
+    assert torch.equal(loose.boxes(), want) and torch.equal(tight.boxes(), want)
+    assert torch.equal(tight.regions, want) and tight[[0, 2]].is_tight and CropMasks.cat([tight, tight]).is_tight
+    assert not tight.shift(3, 0, (17, 29)).is_tight  # a shift can cut a mask: tightness is not claimed
+    assert torch.equal(tight.shift(-5, 2, (17, 29)).boxes(), CropMasks.from_dense(
+        torch.nn.functional.pad(dense, (0, 0, 2, 0))[:, :17, :].roll(-5, 2) & (torch.arange(29) < 24)).boxes())
+
+
+def test_union_of_parts_ignores_empty_ones():
+    """A group holding an empty part (a sliver whose mask vanished): the merged mask and its region are
+    those of the non-empty parts, tight."""
+    from rtmdet.tiling import _union
+
+    dense = torch.zeros(3, 40, 60, dtype=torch.bool)
+    dense[0, 10:20, 30:40] = True
+    dense[2, 15:25, 38:50] = True
+    pred = {"boxes": torch.tensor([[30.0, 10, 40, 20], [0, 0, 2, 2], [38, 15, 50, 25]]),
+            "scores": torch.tensor([0.9, 0.3, 0.8]), "labels": torch.tensor([1, 1, 1]),
+            "masks": CropMasks.from_dense(dense)}
+    merged, rank = _union(pred, [[0, 1, 2]], torch.tensor([2, 2, 0]))
+    assert merged["masks"].regions.tolist() == [[30, 10, 50, 25]] and merged["masks"].is_tight
+    assert torch.equal(merged["masks"].to_dense()[0], dense[0] | dense[2])
+    assert merged["boxes"].tolist() == [[0.0, 0.0, 50.0, 25.0]] and merged["scores"].tolist() == [pytest.approx(0.9)]
+    assert rank.tolist() == [0] and merged["labels"].tolist() == [1]
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 @pytest.fixture(scope="module")
