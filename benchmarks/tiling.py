@@ -10,7 +10,9 @@ model was trained at), written with their annotations as a COCO set (``make_shee
 checkpoint the benchmark reports, for the sheets predicted
 
 * ``untiled``: letterboxed whole into the input size (the official test pipeline);
-* ``tiled``: in windows of the input size (``rtmdet.tiling.TiledPredictor``, 0.2 overlap);
+* ``tiled``: in windows of the input size (``rtmdet.tiling.TiledPredictor``, 0.2 overlap), at
+  most ``--max-det`` instances a sheet (1000), all of them counted by the metric (COCO's cap of 100
+  detections an image would score a sheet of 250 sprites on 100);
 * ``regions``: each of the sheet's source images predicted on its own (the upper bound tiling
   should approach, and the time it should beat);
 
@@ -109,13 +111,14 @@ def recall(gt: dict, dets: list[dict], iou: float = 0.5) -> float:
     return found / max(total, 1)
 
 
-def _evaluate(model, postprocess, ann_file, img_dir, img_size, nearest, mode: str, label_to_cat) -> dict:
+def _evaluate(model, postprocess, ann_file, img_dir, img_size, nearest, mode: str, label_to_cat,
+              max_det: int = 1000) -> dict:
     from rtmdet.coco_eval import COCOMetric
     from rtmdet.preprocess import preprocess
     from rtmdet.tiling import TiledPredictor, tile_windows
 
     gt = json.loads(Path(ann_file).read_text())
-    metric = COCOMetric(str(ann_file), label_to_cat)
+    metric = COCOMetric(str(ann_file), label_to_cat, max_dets=(1, 10, max_det))  # every kept instance counts
     seconds, windows, pixels = 0.0, 0, 0
     for im in gt["images"]:
         image = np.array(Image.open(Path(img_dir) / im["file_name"]).convert("RGB"))
@@ -127,7 +130,7 @@ def _evaluate(model, postprocess, ann_file, img_dir, img_size, nearest, mode: st
                 pred = postprocess(model(x), metas)[0]
             windows += 1
         else:
-            tiler = TiledPredictor(model, postprocess, img_size, img_size, 0.2, nearest, batch_size=4, max_det=300)
+            tiler = TiledPredictor(model, postprocess, img_size, img_size, 0.2, nearest, batch_size=4, max_det=max_det)
             pred, _ = tiler(image)
             windows += len(tile_windows(*image.shape[:2], img_size, 0.2))
         seconds += time.perf_counter() - t0
@@ -141,7 +144,7 @@ def _evaluate(model, postprocess, ann_file, img_dir, img_size, nearest, mode: st
 
 def _regions(model, postprocess, ann_file, img_dir, img_size, nearest, label_to_cat) -> dict:
     """The sheets' source images one by one (batch 1), timed, and their own mAP."""
-    r = _evaluate(model, postprocess, ann_file, img_dir, img_size, nearest, "untiled", label_to_cat)
+    r = _evaluate(model, postprocess, ann_file, img_dir, img_size, nearest, "untiled", label_to_cat, 100)
     return {k: r[k] for k in ("segm_mAP", "segm_mAP_s", "bbox_mAP", "recall_mask_iou50", "seconds")}
 
 
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", type=int, default=8, help="sheet = grid x grid validation images (default 8)")
     p.add_argument("--sheets", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--max-det", type=int, default=1000,
+                   help="instances kept per sheet when tiled, and counted by the metric (default 1000)")
     p.add_argument("--memory-size", type=int, default=4096, help="side of the memory test image")
     p.add_argument("--memory-instances", type=int, nargs="*", default=[500, 2000])
     p.add_argument("--quick", action="store_true", help="a 2 x 2 sheet, small memory test (smoke test)")
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     gt = json.loads(Path(paths["val_ann_file"]).read_text())
     label_to_cat = [c["id"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
     result = {"benchmark": "tiling", "checkpoint": args.ckpt, "img_size": img_size, "grid": args.grid,
-              "sheets": args.sheets, "threads": args.threads}
+              "sheets": args.sheets, "threads": args.threads, "max_det": args.max_det}
     with tempfile.TemporaryDirectory(prefix="rtmdet-sheets-") as tmp:
         ann = make_sheet(paths["val_ann_file"], paths["val_img_dir"], tmp, (args.grid, args.grid), args.sheets)
         sheet = json.loads(ann.read_text())
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         result["instances_per_sheet"] = round(len(sheet["annotations"]) / args.sheets, 1)
         for mode in ("untiled", "tiled"):
             result[mode] = _evaluate(model, postprocess, ann, Path(tmp) / "images", img_size, nearest, mode,
-                                     label_to_cat)
+                                     label_to_cat, args.max_det)
         # The same images one by one: the source images of the sheets, as their own COCO set.
         picked = np.random.default_rng(0).permutation(len(gt["images"]))[:args.grid ** 2 * args.sheets]
         images = sorted(gt["images"], key=lambda im: im["id"])

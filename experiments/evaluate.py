@@ -14,7 +14,8 @@ the json says) ends with one ``error: ...`` listing every problem, before the mo
 
 ``--tile-size`` evaluates large images window by window, as ``experiments.predict`` predicts them
 (default ``none``: the whole image letterboxed, as the official numbers are measured); images that
-hit ``--max-det`` are listed. ``--refine-masks`` scores the masks after the pixel-art
+hit ``--max-det`` are listed. AP and AR_100 count COCO's 100 detections an image, or all kept ones
+where ``--max-det`` or tiling (300 an image) allow more (``metric_max_dets`` in the output). ``--refine-masks`` scores the masks after the pixel-art
 refinement of ``rtmdet/refine.py`` (as ``experiments.predict --refine-masks`` writes them); boxes
 and scores are unchanged by it.
 """
@@ -92,9 +93,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     if loaded.class_names and tuple(loaded.class_names) != categories.names:
         print(f"warning: class names differ (checkpoint {list(loaded.class_names)[:5]}..., dataset "
               f"{list(categories.names)[:5]}...); labels are matched by position", file=sys.stderr)
-    metric = COCOMetric(args.ann_file, [categories.label_to_cat_id[i] for i in range(categories.num_classes)])
     postprocess = loaded.postprocess(mask_format="crops")  # no (N, H, W) stack of the original size
     predictor = ImagePredictor(model, postprocess, img_size, nearest, args, args.device)
+    # COCO scores at most 100 detections an image; where the caps allow more, all that are kept count.
+    metric_max_det = max(100, predictor.plain_max_det, predictor.tiled_max_det if args.tile_size != "none" else 0)
+    metric = COCOMetric(args.ann_file, [categories.label_to_cat_id[i] for i in range(categories.num_classes)],
+                        max_dets=(1, 10, metric_max_det))
     args.capped = []
     records = {r.image_id: r for r in annotations.records}
 
@@ -138,6 +142,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                    num_images=len(annotations.records), img_size=img_size, nearest_resize=nearest,
                    tile_size=args.tile_size, tile_overlap=args.tile_overlap, whole_image=args.whole_image,
                    max_det=args.max_det, images_over_max_det=len(args.capped), refine_masks=args.refine_masks,
+                   metric_max_dets=metric_max_det,
                    detections_file=str(detections), wall_time_s=round(time.time() - start, 1))
     output.write_text(json.dumps(payload, indent=2))
     return payload

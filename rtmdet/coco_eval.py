@@ -55,6 +55,9 @@ class COCOMetric(Metric):
         backend: ``"pycocotools"``, ``"faster_coco_eval"`` (optional package, same numbers, faster),
             or ``"auto"``: faster-coco-eval when importable, else pycocotools.
         print_summary: print COCOeval's summary table in ``compute()`` (silent by default).
+        max_dets: COCOeval's three detection caps per image (default COCO's 1, 10, 100); AP and
+            ``AR_100`` count up to the third, so an image with more instances than 100 (a tiled
+            sprite sheet) is scored on all of them with e.g. (1, 10, 1000). The stat names stay.
 
     ``compute()`` returns python floats ``{iou_type}_{name}`` for ``name`` in ``STAT_NAMES``
     (``bbox_mAP``, ``bbox_mAP_50``, ..., ``segm_AR_l``), i.e. ``COCOeval.stats`` with pycocotools'
@@ -79,8 +82,12 @@ class COCOMetric(Metric):
         iou_types: Sequence[str] = ("bbox", "segm"),
         backend: str = "auto",
         print_summary: bool = False,
+        max_dets: Sequence[int] = (1, 10, 100),
     ):
         super().__init__()
+        if len(max_dets) != 3 or not 0 < max_dets[0] <= max_dets[1] <= max_dets[2]:
+            raise ValueError(f"max_dets must be three increasing positive caps, got {max_dets!r}")
+        self.max_dets = [int(m) for m in max_dets]
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not iou_types or any(t not in ("bbox", "segm") for t in iou_types):
@@ -245,13 +252,19 @@ class COCOMetric(Metric):
                 coco_dt = self.coco_gt.loadRes(dts)  # handles an empty list
                 coco_eval = COCOeval_faster(self.coco_gt, coco_dt, iou_type, print_function=print)
             coco_eval.params.imgIds = img_ids
+            coco_eval.params.maxDets = list(self.max_dets)
             coco_eval.evaluate()
             coco_eval.accumulate()
         with contextlib.redirect_stdout(table):
             coco_eval.summarize()
         if self.print_summary:
             print(f"COCO {iou_type} on {len(img_ids)} images ({self.backend}):\n{table.getvalue()}", end="")
-        return [float(v) for v in coco_eval.stats[: len(STAT_NAMES)]]
+        stats = [float(v) for v in coco_eval.stats[: len(STAT_NAMES)]]
+        if self.max_dets[2] != 100:  # summarize() reads the first AP at a literal 100 detections
+            precision = np.asarray(coco_eval.eval["precision"])[:, :, :, 0, 2]  # (T, R, K) all areas, last cap
+            valid = precision[precision > -1]
+            stats[0] = float(valid.mean()) if valid.size else -1.0
+        return stats
 
 
 def _cat(state: list[torch.Tensor] | torch.Tensor, empty: torch.Tensor) -> torch.Tensor:

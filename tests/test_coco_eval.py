@@ -324,3 +324,38 @@ def test_ddp_gather_equals_single_process(data, tmp_path):
                     single.update(p, i)
             assert out["compute"] == single.compute(), (rank, scenario)
             assert out["results"] == json.loads(json.dumps(single.results())), (rank, scenario)
+
+
+def test_max_dets_scores_every_instance_of_a_crowded_image():
+    """150 sprites on one sheet, all found: COCO's 100-detection cap scores 100 of them (AP and AR
+    2/3), a cap of 1000 all of them (1); the third cap equal to 100 is the default exactly."""
+    size, side = 300, 20
+    images = [{"id": 1, "height": size, "width": size, "file_name": "sheet.png"}]
+    anns, preds = [], {"boxes": [], "scores": [], "labels": [], "masks": []}
+    for k in range(150):
+        mask = np.zeros((size, size), bool)
+        y, x = divmod(k, 15)
+        mask[y * side + 2:y * side + 14, x * side + 2:x * side + 14] = True
+        anns.append({"id": k + 1, "image_id": 1, "category_id": CAT_IDS[0], "iscrowd": 0, "area": int(mask.sum()),
+                     "bbox": [x * side + 2.0, y * side + 2.0, 12.0, 12.0], "segmentation": rle_of(mask)})
+        preds["boxes"].append(box_of(mask))
+        preds["scores"].append(1.0 - k / 1000)
+        preds["labels"].append(0)
+        preds["masks"].append(mask)
+    gt = {"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in CAT_IDS]}
+    pred = {"boxes": torch.tensor(preds["boxes"]), "scores": torch.tensor(preds["scores"]),
+            "labels": torch.tensor(preds["labels"]), "masks": torch.from_numpy(np.stack(preds["masks"]))}
+    stats = {}
+    for max_dets in ((1, 10, 100), (1, 10, 1000), None):
+        metric = COCOMetric(gt, CAT_IDS, backend="pycocotools", **({"max_dets": max_dets} if max_dets else {}))
+        metric.update([pred], [1])
+        stats[max_dets] = metric.compute()
+    assert stats[None] == stats[(1, 10, 100)]
+    for t in ("bbox", "segm"):
+        assert stats[None][f"{t}_AR_100"] == pytest.approx(100 / 150)
+        assert 0.5 < stats[None][f"{t}_mAP"] < 0.7
+        assert stats[(1, 10, 1000)][f"{t}_mAP"] == pytest.approx(1.0)
+        assert stats[(1, 10, 1000)][f"{t}_AR_100"] == pytest.approx(1.0)
+        assert stats[(1, 10, 1000)][f"{t}_mAP_50"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="three increasing"):
+        COCOMetric(gt, CAT_IDS, max_dets=(10, 1))

@@ -255,5 +255,6 @@ def test_evaluate_cli_with_tiles(ws, sheet, tmp_path):  # noqa: F811
     assert code == 0
     payload = json.loads(out.read_text())
     assert payload["tile_size"] == 64 and 0 <= payload["segm_mAP"] <= 1
+    assert payload["metric_max_dets"] == 300  # a tiled image keeps up to 300, and all of them are scored
     detections = json.loads(out.with_name("metrics.detections.json").read_text())
     assert detections and all(d["segmentation"]["size"] == [128, 128] for d in detections)
