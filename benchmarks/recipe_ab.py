@@ -10,6 +10,8 @@ switch kept at the recipe's share of the schedule, validation every ``--val-ever
 log), then its last checkpoint is evaluated with ``python -m experiments.evaluate`` on ``val`` and,
 where the set has one, ``val_heldout`` (designs never seen in training), each with masks as
 predicted and with ``--refine-masks``. Arms run one after the other, each process on its own.
+``--pretrained CKPT`` starts every arm from a checkpoint (the procedural-sprite pretraining lever:
+all weights but the classifier when the class counts differ).
 
 Output: per arm, training wall time, the metrics of every evaluation (segm mAP, AP_small, bbox
 mAP, bbox AP_small, segm/bbox AP_small ratio) and the validation curve; ``--plot PNG`` draws the
@@ -45,13 +47,17 @@ ARMS = {
 KEPT_CALLBACKS = ("ExpMomentumEMA", "PipelineSwitch", "ModelCheckpoint")  # no progress bar, W&B panel, lr monitor
 
 
-def arm_config(arm: str, data: dict, epochs: int, val_every: int, img_size: int | None, out: Path) -> dict:
-    """The recipe of ``arm`` with its overrides, the run's data, budget and a CSV logger."""
+def arm_config(arm: str, data: dict, epochs: int, val_every: int, img_size: int | None, out: Path,
+               pretrained: Path | None = None) -> dict:
+    """The recipe of ``arm`` with its overrides, the run's data, budget and a CSV logger; with
+    ``pretrained``, its weights start the run (all but the classifier when the class count differs)."""
     recipe, overrides = ARMS[arm]
     cfg = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
     for key, value in overrides.items():
         section, name = key.split(".")
         cfg[section][name] = value
+    if pretrained is not None:
+        cfg["model"].update(pretrained=str(pretrained), allow_num_classes_mismatch=True)
     cfg["data"].update(data)
     if img_size:
         cfg["data"]["img_size"] = img_size
@@ -114,7 +120,7 @@ def summary(metrics: dict) -> dict:
 def run_arm(arm: str, args: argparse.Namespace, data: dict, splits: dict) -> dict:
     out = args.out / arm
     out.mkdir(parents=True, exist_ok=True)
-    cfg = arm_config(arm, data, args.epochs, args.val_every, args.img_size, out)
+    cfg = arm_config(arm, data, args.epochs, args.val_every, args.img_size, out, args.pretrained)
     config = out / "config.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     log = out / "train.log"
@@ -126,6 +132,7 @@ def run_arm(arm: str, args: argparse.Namespace, data: dict, splits: dict) -> dic
     if proc.returncode:
         return {"error": f"training exited with {proc.returncode}; log: {log}"}
     result = {"recipe": ARMS[arm][0], "overrides": ARMS[arm][1], "epochs": args.epochs,
+              "pretrained": str(args.pretrained) if args.pretrained else None,
               "train_wall_s": round(train_s, 1), "curve": curve(out)}
     ckpt = out / "checkpoints" / "last.ckpt"
     for split, (ann_file, img_dir) in splits.items():
@@ -172,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--img-size", type=int, help="input size (default: the recipe's)")
     p.add_argument("--out", type=Path, default=Path("runs/recipe_ab"))
     p.add_argument("--plot", type=Path, help="PNG of the learning curves")
+    p.add_argument("--pretrained", type=Path,
+                   help="start every arm from these weights (e.g. a model trained on the embedded sprites)")
     args = p.parse_args(argv)
     args.val_every = args.val_every or max(1, math.ceil(args.epochs / 5))
     if args.epochs % args.val_every:

@@ -145,17 +145,21 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict, allow_num_classe
     ``allow_num_classes_mismatch`` a checkpoint for another number of classes loads everything
     but the classification layers ``rtm_cls`` (for fine-tuning), and the report says so.
     A backbone-only checkpoint (all keys ``backbone.*``, e.g. ``cspnext-tiny_imagenet_600e.pth``)
-    loads into ``model.backbone``; its classifier keys are ignored.
+    loads into ``model.backbone``; its classifier keys are ignored. One of our Lightning checkpoints
+    (keys ``model.*``, e.g. a model pretrained on the procedural sprites) loads the same way, with
+    the same checks, so it can start a fine-tuning run too.
     """
     sd, source = read_checkpoint(path_or_state_dict, source)
     report = LoadReport(source)
     ours = model.state_dict()
+    num_levels = len(getattr(model, "strides", (8, 16, 32)))
+    if sd and all(k.startswith("model.") for k in sd):  # ours: our module tree, named as mmdet names it
+        sd = {mmdet_names(k[len("model."):], num_levels)[0]: v for k, v in sd.items()}
     backbone_only = any(k.startswith("backbone.") for k in sd) and not any(
         k.startswith(("neck.", "bbox_head.")) for k in sd
     )
     if backbone_only:
         ours = {k: v for k, v in ours.items() if k.startswith("backbone.")}
-    num_levels = len(getattr(model, "strides", (8, 16, 32)))
     known, missing, mismatched, new_sd = set(), [], [], {}
     for key, value in ours.items():
         names = mmdet_names(key, num_levels)

@@ -34,7 +34,8 @@ class RTMDetInsModule(L.LightningModule):
         weight_decay: AdamW weight decay (0 on norm layers and biases, as the reference).
         warmup_iters: linear warm-up iterations (official 1000), capped to ``warmup_max_fraction`` of the run.
         cosine_start: fraction of training after which the lr decays (cosine) to ``min_lr_ratio`` x lr.
-        pretrained: optional official mmdetection checkpoint (full model or ImageNet CSPNeXt backbone).
+        pretrained: optional official mmdetection checkpoint (full model or ImageNet CSPNeXt backbone),
+            or one of our Lightning checkpoints (e.g. pretrained on the procedural sprites).
         allow_num_classes_mismatch: load ``pretrained`` even if its classifier has another class count.
         max_nonfinite_steps: consecutive non-finite losses tolerated (each skipped) before stopping.
         score_thr, nms_pre, iou_thr, max_per_img, mask_thr: test-time postprocessing (validation,

@@ -118,3 +118,29 @@ def test_refuses_pickled_code(tmp_path):
     torch.save({"state_dict": {}, "payload": Evil()}, path)
     with pytest.raises(CheckpointError, match="weights_only"):
         load_mmdet_checkpoint(build_model("tiny"), path)
+
+
+def test_our_lightning_checkpoint_starts_a_fine_tuning_run(tmp_path):
+    """A model pretrained here (a Lightning checkpoint, keys model.*) loads into another class count
+    like an official file: everything but the classifier, with the same checks."""
+    from rtmdet.lightning_module import RTMDetInsModule
+
+    torch.manual_seed(0)
+    source = RTMDetInsModule("tiny", num_classes=8)
+    with torch.no_grad():
+        for t in source.model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn_like(t))
+    path = tmp_path / "sprites.ckpt"
+    torch.save({"state_dict": source.state_dict(), "pytorch-lightning_version": "2.6.0"}, path)
+    module = RTMDetInsModule("tiny", num_classes=11, pretrained=str(path), allow_num_classes_mismatch=True)
+    got, want = module.model.state_dict(), source.model.state_dict()
+    for k, v in want.items():
+        if ".rtm_cls." in k:
+            assert got[k].shape[0] == 11 and v.shape[0] == 8
+        else:
+            assert torch.equal(got[k], v), k
+    with pytest.raises(CheckpointError, match="allow_num_classes_mismatch"):
+        load_mmdet_checkpoint(build_model("tiny", 11), str(path))
+    with pytest.raises(CheckpointError, match="mis-shaped"):  # another size: every width differs
+        load_mmdet_checkpoint(build_model("s", 8), str(path))

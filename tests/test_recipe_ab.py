@@ -22,6 +22,11 @@ def test_arm_config_is_the_recipe_with_its_overrides_and_budget(tmp_path):
     assert trainer["callbacks"][1]["init_args"]["num_last_epochs"] == max(1, round(share * 10))
     pixel = recipe_ab.arm_config("pixelart", data, epochs=10, val_every=2, img_size=None, out=tmp_path)
     assert pixel["data"]["copy_paste_prob"] > 0 and pixel["model"]["mask_loss_stride"] == 2
+    assert "pretrained" not in pixel["model"]
+    tuned = recipe_ab.arm_config("official", data, epochs=10, val_every=2, img_size=320, out=tmp_path,
+                                 pretrained=tmp_path / "sprites.ckpt")
+    assert tuned["model"] == dict(official["model"], pretrained=str(tmp_path / "sprites.ckpt"),
+                                  allow_num_classes_mismatch=True)
 
 
 def test_curve_reads_the_csv_log(tmp_path):
