@@ -25,6 +25,10 @@ they do not compete for the cores and each one's peak memory is its own:
   (recall, mAP with ``--ckpt``, time per megapixel), and peak memory with 500 and 2,000 instances
   on a 4096 x 4096 image (``benchmarks/tiling.py``).
 
+Two measurements that need a trained model and minutes to hours run on their own:
+``python -m benchmarks.refine_masks --ckpt CKPT ...`` (mask refinement on vs off) and
+``python -m benchmarks.recipe_ab ...`` (training recipes and levers A/B, same seed and budget).
+
 ``summary`` collects the headline numbers; the full outputs of every part follow it. Timings
 depend on the machine's load: ``load_avg_1min`` is recorded at the start and the end.
 """
