@@ -1,8 +1,10 @@
 """End-to-end predict latency (forward + postprocess), batch 1, per size. Prints one JSON object.
 
     python -m benchmarks.latency --sizes tiny --img-size 640 --threads 2 [--fuse] [--channels-last] [--compile]
+        [--proto-stride 4]
 
-``--fuse`` folds the BatchNorms into the convs (``RTMDetIns.fuse``), ``--channels-last`` runs the
+``--proto-stride 4`` times the opt-in stride-4 prototypes (the cost of the extra mask stage and of
+4x the dynamic-conv pixels). ``--fuse`` folds the BatchNorms into the convs (``RTMDetIns.fuse``), ``--channels-last`` runs the
 network in NHWC, ``--compile`` additionally times ``torch.compile`` of the network's forward (the
 postprocess stays eager): its compile time (the first call) is reported separately from the
 steady-state forward and predict times and their speed-up over eager with the same flags.
@@ -63,8 +65,8 @@ def timeit(fn, warmup: int, iters: int) -> float:
 
 
 def measure(size: str, img_size: int, warmup: int, iters: int, channels_last: bool,
-            orig: tuple[int, int], fuse: bool = False, compile: bool = False) -> dict:
-    model = build_model(size).eval()
+            orig: tuple[int, int], fuse: bool = False, compile: bool = False, proto_stride: int = 8) -> dict:
+    model = build_model(size, proto_stride=proto_stride).eval()
     busy_head(model)
     if fuse:
         model.fuse()
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--fuse", action="store_true", help="fold BatchNorm into the convs (RTMDetIns.fuse)")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--proto-stride", type=int, default=8, choices=(4, 8), help="mask prototype stride (official 8)")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile of the forward (compile time reported separately)")
     p.add_argument("--orig", type=int, nargs=2, default=(640, 640), metavar=("H", "W"),
@@ -146,8 +149,9 @@ def run(argv: list[str] | None = None) -> dict:
         "fuse": args.fuse,
         "channels_last": args.channels_last,
         "orig_size": list(args.orig),
+        "proto_stride": args.proto_stride,
         "sizes": {s: measure(s, args.img_size, args.warmup, args.iters, args.channels_last, tuple(args.orig),
-                             args.fuse, args.compile) for s in args.sizes},
+                             args.fuse, args.compile, args.proto_stride) for s in args.sizes},
     }
 
 

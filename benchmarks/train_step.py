@@ -89,21 +89,22 @@ def count_positives(model, crit, images, targets) -> int:
     out = model(images)
     points, strides = grid_priors([x.shape[-2:] for x in out.cls_logits], model.strides)
     boxes = distance2bbox(points, flatten_levels(out.box_dists))
-    gt = crit.prepare_targets(targets, out.mask_protos)
+    gt = crit.prepare_targets(targets, out.mask_protos, out.proto_stride(model.strides[0]))
     a = crit.assigner(boxes, flatten_levels(out.cls_logits), points, strides, gt.boxes, gt.labels, gt.centers, gt.valid)
     return int(a.pos_mask.sum())
 
 
 def run_case(name: str, size: str, warmup: int, iters: int, mask_chunk: int, channels_last: bool = False,
-             compile: bool = False) -> dict:
+             compile: bool = False, proto_stride: int = 8, mask_loss_stride: int = 4) -> dict:
     from rtmdet import build_model
     from rtmdet.criterion import RTMDetInsCriterion
     from rtmdet.optim import build_optimizer
 
     batch, img, num = parse_case(name)
     torch.manual_seed(0)
-    model = build_model(size).train()
-    criterion = RTMDetInsCriterion(model.num_classes, model.strides, mask_chunk_size=mask_chunk or None)
+    model = build_model(size, proto_stride=proto_stride).train()
+    criterion = RTMDetInsCriterion(model.num_classes, model.strides, mask_chunk_size=mask_chunk or None,
+                                   mask_loss_stride=mask_loss_stride)
     opt = build_optimizer(model, lr=4e-3, weight_decay=0.05)  # as the LightningModule
     images = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(1))
     if channels_last:
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="positives per checkpointed mask-loss chunk; 0: unchunked")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the network's forward")
+    p.add_argument("--proto-stride", type=int, default=8, choices=(4, 8), help="mask prototype stride (official 8)")
+    p.add_argument("--mask-loss-stride", type=int, default=4, help="mask loss stride (official 4)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     return p
 
@@ -197,7 +200,8 @@ def run(argv: list[str] | None = None) -> dict:
     for name in cases:
         cmd = [sys.executable, "-m", "benchmarks.train_step", "--case", name, "--size", args.size,
                "--threads", str(args.threads), "--warmup", str(args.warmup), "--iters", str(iters),
-               "--mask-chunk", str(args.mask_chunk)]
+               "--mask-chunk", str(args.mask_chunk), "--proto-stride", str(args.proto_stride),
+               "--mask-loss-stride", str(args.mask_loss_stride)]
         cmd += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         if proc.returncode:
@@ -207,6 +211,7 @@ def run(argv: list[str] | None = None) -> dict:
             continue
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     summary = {"benchmark": "train_step", "size": args.size, "threads": args.threads, "mask_chunk": args.mask_chunk,
+               "proto_stride": args.proto_stride, "mask_loss_stride": args.mask_loss_stride,
                "channels_last": args.channels_last, "compile": args.compile, "torch": torch.__version__,
                "cases": results}
     summary.update(memory_summary({k: v for k, v in results.items() if "error" not in v}))
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.case:
         torch.set_num_threads(args.threads)
         print(json.dumps(run_case(args.case, args.size, args.warmup, args.iters, args.mask_chunk,
-                                  args.channels_last, args.compile)))
+                                  args.channels_last, args.compile, args.proto_stride, args.mask_loss_stride)))
         return
     print(json.dumps(run(argv), indent=1))
 

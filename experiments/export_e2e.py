@@ -68,7 +68,7 @@ def metadata(module: EndToEnd, class_names=None, nearest_resize: bool = False) -
         "img_size": module.img_size, "nearest_resize": bool(nearest_resize), "pad_value": 114,
         "score_thr": module.score_thr, "nms_pre": module.nms_pre, "iou_thr": module.iou_thr,
         "max_det": module.max_det, "mask_thr": module.mask_thr, "mask_output": module.mask_output,
-        "mask_stride": model.strides[0], "outputs": list(module.output_names),
+        "mask_stride": model.proto_stride, "outputs": list(module.output_names),
     }
 
 

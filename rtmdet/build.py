@@ -22,13 +22,15 @@ def build(
     mask_thr: float = 0.5,
     mask_format: str = "dense",
     mask_loss_stride: int = 4,
+    proto_stride: int = 8,
 ) -> tuple[RTMDetIns, RTMDetInsCriterion, InstancePostProcess]:
     """RTMDet-Ins of one of the official sizes (freshly initialised), its criterion and its postprocess.
 
-    The keyword arguments are the test-time settings (defaults: the official ones) and the
-    mask-loss stride (official: 4).
+    The keyword arguments are the test-time settings (defaults: the official ones), the
+    mask-loss stride (official: 4) and the prototype stride (official: 8; 4 adds an upsampling
+    stage to the mask branch, ``rtmdet/mask_feat.py``).
     """
-    model = RTMDetIns(num_classes=num_classes, size=size)
+    model = RTMDetIns(num_classes=num_classes, size=size, proto_stride=proto_stride)
     criterion = RTMDetInsCriterion(num_classes, model.strides, mask_loss_stride=mask_loss_stride)
     postprocess = InstancePostProcess(score_thr, nms_pre, iou_thr, max_per_img, mask_thr, model.strides, mask_format)
     return model, criterion, postprocess

@@ -40,6 +40,9 @@ _SHARED_CONV = re.compile(r"head\.cls_convs\.(\d+)\.weight")
 _LEVEL_NORM = re.compile(r"head\.cls_norms\.(\d+)\.(\d+)\.(\w+)")
 
 
+UPSAMPLE_STAGE = "mask_head.upsample_conv."  # the keys of proto_stride=4's extra stage
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the model; the message lists the offending keys."""
 
@@ -161,16 +164,20 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict, allow_num_classe
     if backbone_only:
         ours = {k: v for k, v in ours.items() if k.startswith("backbone.")}
     known, missing, mismatched, new_sd = set(), [], [], {}
+    new_stage = not any(UPSAMPLE_STAGE in k for k in sd)  # a stride-8 file into a stride-4 model
     for key, value in ours.items():
         names = mmdet_names(key, num_levels)
         known.update(names)
         if names[0] not in sd:
+            if new_stage and UPSAMPLE_STAGE in key:
+                report.skipped.append(f"{key} (a layer of proto_stride=4 the checkpoint has not)")
+                continue
             missing.append(names[0])
             continue
         src = sd[names[0]]
         if src.shape != value.shape:
             if allow_num_classes_mismatch and ".rtm_cls." in key:
-                report.skipped.append(key)
+                report.skipped.append(f"{key} (checkpoint has {src.shape[0]} classes, model {value.shape[0]})")
                 continue
             mismatched.append(f"{names[0]}: checkpoint {tuple(src.shape)} vs model {tuple(value.shape)}")
             continue
@@ -185,9 +192,6 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict, allow_num_classe
         raise _key_report(f"cannot load {source} into {name}:", mismatched, missing, unexpected)
     model.load_state_dict(new_sd, strict=False)
     report.loaded = len(new_sd)
-    if report.skipped:
-        report.skipped = [f"{k} (checkpoint has {sd[mmdet_names(k)[0]].shape[0]} classes, model {model.num_classes})"
-                          for k in report.skipped]
     return report
 
 
@@ -252,7 +256,7 @@ def _from_lightning(ckpt: dict, sd: dict, path: str, size: str | None, num_class
     found_classes = int(hp.get("num_classes") or sd[cls_key].shape[0])
     found_size = hp.get("size") or _recognise_size(sd, found_classes, path, lambda k: k, size)
     _check_requested(path, found_size, found_classes, size, num_classes)
-    model = RTMDetIns(found_classes, found_size)
+    model = RTMDetIns(found_classes, found_size, _proto_stride(sd))
     ours = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in ours.items() if k in sd and sd[k].shape != v.shape]
@@ -277,7 +281,7 @@ def _from_mmdet(ckpt: dict, sd: dict, path: str, size: str | None, num_classes: 
     found_classes = int(sd[cls_key].shape[0])
     found_size = _recognise_size(sd, found_classes, path, lambda k: mmdet_names(k)[0], requested=size)
     _check_requested(path, found_size, found_classes, size, num_classes)
-    model = RTMDetIns(found_classes, found_size)
+    model = RTMDetIns(found_classes, found_size, _proto_stride(sd))
     load_mmdet_checkpoint(model, sd, source=path)
     meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
     names = (meta.get("dataset_meta") or {}).get("classes")
@@ -286,10 +290,15 @@ def _from_mmdet(ckpt: dict, sd: dict, path: str, size: str | None, num_classes: 
     return LoadedCheckpoint(model, tuple(names) if names else None, "mmdet")
 
 
+def _proto_stride(sd: dict) -> int:
+    """4 when the weights hold the mask branch's upsampling stage (``proto_stride=4``), else 8."""
+    return 4 if any(UPSAMPLE_STAGE in k for k in sd) else 8
+
+
 def _mismatches(size: str, num_classes: int, sd: dict, name) -> list[str]:
     """Keys of an RTMDet-Ins-``size`` that ``sd`` lacks or holds with another shape (sd's names)."""
     with torch.device("meta"):  # shapes only, nothing allocated
-        ours = RTMDetIns(num_classes, size).state_dict()
+        ours = RTMDetIns(num_classes, size, _proto_stride(sd)).state_dict()
     problems = []
     for key, value in ours.items():
         src = sd.get(name(key))

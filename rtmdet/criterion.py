@@ -86,11 +86,15 @@ class RTMDetInsCriterion(nn.Module):
             cls_logits = flatten_levels([x.float() for x in outputs.cls_logits])  # (B, P, C)
             box_dists = flatten_levels([x.float() for x in outputs.box_dists])  # (B, P, 4) l, t, r, b
             kernels = flatten_levels([x.float() for x in outputs.kernels])  # (B, P, 169)
-            protos = protos.float()  # (B, 8, h, w) at stride strides[0]
+            protos = protos.float()  # (B, 8, h, w) at the prototype stride (8; 4 opt-in)
             sizes = [tuple(x.shape[-2:]) for x in outputs.cls_logits]
             points, point_strides = grid_priors(sizes, self.strides, protos.device)  # (P, 2), (P,)
             pred_boxes = distance2bbox(points, box_dists)  # (B, P, 4) xyxy, input pixels, not clipped
-            gt = self.prepare_targets(targets, protos)
+            proto_stride = outputs.proto_stride(self.strides[0])
+            if self.mask_loss_stride > proto_stride or proto_stride % self.mask_loss_stride:
+                raise ValueError(f"mask_loss_stride {self.mask_loss_stride} must divide the prototype stride "
+                                 f"{proto_stride}")
+            gt = self.prepare_targets(targets, protos, proto_stride)
             assignment = self.assigner(
                 pred_boxes.detach(), cls_logits.detach(), points, point_strides,
                 gt.boxes, gt.labels, gt.centers, gt.valid,
@@ -100,16 +104,17 @@ class RTMDetInsCriterion(nn.Module):
             losses = {
                 "loss_cls": self.loss_labels(cls_logits, assignment, quality_norm),
                 "loss_bbox": self.loss_boxes(pred_boxes, gt, assignment, quality_norm),
-                "loss_mask": self.loss_masks(kernels, protos, points, point_strides, gt, assignment),
+                "loss_mask": self.loss_masks(kernels, protos, points, point_strides, gt, assignment, proto_stride),
             }
         return {k: v * self.weight_dict[k] for k, v in losses.items()}
 
-    def prepare_targets(self, targets: list[dict[str, torch.Tensor]], protos: torch.Tensor) -> Targets:
+    def prepare_targets(self, targets: list[dict[str, torch.Tensor]], protos: torch.Tensor,
+                        proto_stride: int = 8) -> Targets:
         """Pad boxes/labels/centres to the batch maximum; subsample masks at the mask-loss stride."""
         device = protos.device
         B = len(targets)
         G = max([1] + [len(t["labels"]) for t in targets])
-        H, W = protos.shape[-2] * self.strides[0], protos.shape[-1] * self.strides[0]
+        H, W = protos.shape[-2] * proto_stride, protos.shape[-1] * proto_stride
         s = self.mask_loss_stride
         boxes = torch.zeros(B, G, 4, device=device)
         centers = torch.zeros(B, G, 2, device=device)
@@ -159,6 +164,7 @@ class RTMDetInsCriterion(nn.Module):
         point_strides: torch.Tensor,
         gt: Targets,
         assignment: Assignment,
+        proto_stride: int = 8,
     ) -> torch.Tensor:
         """Dice loss of every positive's dynamic mask at the mask-loss stride (docs/architecture.md#mask-loss-stride).
 
@@ -179,7 +185,7 @@ class RTMDetInsCriterion(nn.Module):
         points, point_strides = points[prior_idx], point_strides[prior_idx]  # (K, 2), (K,)
         chunk = self.mask_chunk_size
         if chunk is None:
-            total = self._dice_sum(protos, params, points, point_strides, img_idx, mask_idx, gt.masks)
+            total = self._dice_sum(protos, params, points, point_strides, img_idx, mask_idx, gt.masks, proto_stride)
             return total / norm
         total, start, zeros = 0.0, 0, torch.zeros_like(img_idx)
         for b, n in enumerate(counts):
@@ -187,14 +193,16 @@ class RTMDetInsCriterion(nn.Module):
                 j = min(i + chunk, start + n)
                 total = total + checkpoint(
                     self._dice_sum, protos[b:b + 1], params[i:j], points[i:j], point_strides[i:j], zeros[i:j],
-                    mask_idx[i:j], gt.masks, use_reentrant=False,
+                    mask_idx[i:j], gt.masks, proto_stride, use_reentrant=False,
                 )
             start += n
         return total / norm
 
-    def _dice_sum(self, protos, params, points, point_strides, img_idx, mask_idx, gt_masks) -> torch.Tensor:
+    def _dice_sum(self, protos, params, points, point_strides, img_idx, mask_idx, gt_masks,
+                  proto_stride: int = 8) -> torch.Tensor:
         """Summed dice loss of K positives: (K, 169) params, (K, 2) points, (K,) strides/images/mask rows."""
-        logits = dynamic_mask_logits(protos, params, points, point_strides, img_idx, self.strides[0])  # (K, h, w)
-        scale = self.strides[0] // self.mask_loss_stride
-        logits = F.interpolate(logits[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
+        logits = dynamic_mask_logits(protos, params, points, point_strides, img_idx, proto_stride)  # (K, h, w)
+        scale = proto_stride // self.mask_loss_stride
+        if scale > 1:  # logits up to the mask-loss stride (as the reference: x2 from stride 8 to 4)
+            logits = F.interpolate(logits[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
         return dice_loss(logits.sigmoid(), gt_masks[mask_idx]).sum()  # (K, H / s, W / s) vs sampled GT

@@ -2,13 +2,16 @@
 
 Each instance carries 169 parameters (for 8 prototypes, 8 channels, 3 layers), laid out weights
 first then biases: W1 (8 x 10), W2 (8 x 8), W3 (1 x 8), b1 (8), b2 (8), b3 (1); weights out-major.
-The input of the first 1x1 conv is [rel_x, rel_y, F_0..F_7] on the stride-8 prototype grid, with
-rel = (instance point - grid point) / (8 * instance stride).
+The input of the first 1x1 conv is [rel_x, rel_y, F_0..F_7] on the prototype grid (stride 8, or 4
+opt-in), with rel = (instance point - grid point) / (8 * instance stride): the 8 is a fixed
+normaliser, not the grid's stride, so a stride-4 grid sees the same coordinates at twice the density.
 """
 
 from __future__ import annotations
 
 import torch
+
+COORD_NORM = 8  # rel = (point - grid) / (COORD_NORM * prior stride)
 
 
 def num_dynamic_params(num_prototypes: int = 8, channels: int = 8, num_layers: int = 3) -> int:
@@ -57,7 +60,7 @@ def dynamic_mask_logits(
     # rel_x = (px - gx) / (8 s) is affine in the grid coordinate gx, so the coordinate part of the
     # first conv folds into one GEMM over [gx, gy, F_0..F_{P-1}]: weights -W_x / (8 s), -W_y / (8 s)
     # on the grid channels, and W_x px / (8 s) + W_y py / (8 s) added to the bias.
-    inv_norm = 1.0 / (strides.to(dtype) * proto_stride)  # (K,)
+    inv_norm = 1.0 / (strides.to(dtype) * COORD_NORM)  # (K,)
     w_xy = w1[:, :, :2] * inv_norm[:, None, None]  # (K, D, 2)
     b1 = b1 + (w_xy * points.to(dtype)[:, None, :]).sum(-1, keepdim=True)  # (K, D, 1)
     w1 = torch.cat([-w_xy, w1[:, :, 2:]], dim=2)  # (K, D, 2 + P)

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 from torch.onnx import symbolic_helper
 
-from .dynamic_mask import split_dynamic_params
+from .dynamic_mask import COORD_NORM, split_dynamic_params
 from .mask_paste import resize_matrices
 from .model import RTMDetIns
 from .nms import nms
@@ -126,11 +126,12 @@ class EndToEnd(nn.Module):
         points, point_strides = grid_priors(sizes, model.strides)  # (P, 2) xy input pixels, (P,)
         self.register_buffer("points", points, persistent=False)
         self.register_buffer("point_strides", point_strides, persistent=False)
-        h, w = sizes[0]
-        gy, gx = torch.meshgrid(torch.arange(h) * model.strides[0], torch.arange(w) * model.strides[0], indexing="ij")
+        s = model.proto_stride  # prototypes: stride 8, or 4 (opt-in)
+        h, w = img_size // s, img_size // s
+        gy, gx = torch.meshgrid(torch.arange(h) * s, torch.arange(w) * s, indexing="ij")
         self.register_buffer("proto_grid", torch.stack([gx, gy]).reshape(2, h * w).float(), persistent=False)
         if mask_output == "input":
-            ry, rx = resize_matrices(sizes[0], model.strides[0], (img_size, img_size))  # (S, h), (S, w)
+            ry, rx = resize_matrices((h, w), s, (img_size, img_size))  # (S, h), (S, w)
             self.register_buffer("ry", ry, persistent=False)
             self.register_buffer("rx_t", rx.t().contiguous(), persistent=False)
 
@@ -190,7 +191,7 @@ class EndToEnd(nn.Module):
         (w1, w2, w3), (b1, b2, b3) = split_dynamic_params(params.flatten(0, 1), P)  # (B*K, D, in), (B*K, D, 1)
         D = w1.shape[1]
         points = self.points[prior_idx].flatten(0, 1)  # (B*K, 2) xy input pixels
-        inv_norm = 1.0 / (self.point_strides[prior_idx].flatten() * self.model.strides[0])  # (B*K,)
+        inv_norm = 1.0 / (self.point_strides[prior_idx].flatten() * COORD_NORM)  # (B*K,)
         w_xy = w1[:, :, :2] * inv_norm[:, None, None]  # (B*K, D, 2)
         b1 = b1 + (w_xy * points[:, None, :]).sum(-1, keepdim=True)  # (B*K, D, 1)
         w1 = torch.cat([-w_xy, w1[:, :, 2:]], dim=2)  # (B*K, D, 2 + P)

@@ -36,6 +36,7 @@ class RTMDetInsSepBNHead(nn.Module):
         num_prototypes: int = 8,
         dyconv_channels: int = 8,
         num_dyconvs: int = 3,
+        proto_stride: int = 8,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -60,7 +61,7 @@ class RTMDetInsSepBNHead(nn.Module):
         self.rtm_cls = nn.ModuleList(nn.Conv2d(channels, num_classes, 1) for _ in levels)
         self.rtm_reg = nn.ModuleList(nn.Conv2d(channels, 4, 1) for _ in levels)
         self.rtm_kernel = nn.ModuleList(nn.Conv2d(channels, num_params, 1) for _ in levels)
-        self.mask_head = MaskFeatModule(channels, len(strides), 4, num_prototypes)
+        self.mask_head = MaskFeatModule(channels, len(strides), 4, num_prototypes, proto_stride)
         self.init_weights()
 
     def init_weights(self, prior_prob: float = 0.01) -> None:

@@ -42,6 +42,8 @@ class RTMDetInsModule(L.LightningModule):
             test, predict): the ``InstancePostProcess`` built beside the model.
         mask_loss_stride: the mask loss compares masks at 1/``mask_loss_stride`` of the input
             (official: 4; a smaller stride keeps small objects' shapes; see ``RTMDetInsCriterion``).
+        proto_stride: stride of the mask prototypes (official: 8; 4 adds an upsampling stage to the
+            mask branch for 8-16 px objects, ``rtmdet/mask_feat.py``); ``mask_loss_stride`` must divide it.
         compile: ``torch.compile`` the network's forward (training and inference; the backward follows).
             The first steps pay the compilation (about a minute on a CPU, once per mode); on a CPU
             the training step gains little (see ``python -m benchmarks.train_step --compile``).
@@ -71,6 +73,7 @@ class RTMDetInsModule(L.LightningModule):
         max_per_img: int = 100,
         mask_thr: float = 0.5,
         mask_loss_stride: int = 4,
+        proto_stride: int = 8,
         compile: bool = False,
         channels_last: bool = True,
     ):
@@ -78,7 +81,7 @@ class RTMDetInsModule(L.LightningModule):
         self.save_hyperparameters()
         self.model, self.criterion, self.postprocess = build(
             size, num_classes, score_thr=score_thr, nms_pre=nms_pre, iou_thr=iou_thr, max_per_img=max_per_img,
-            mask_thr=mask_thr, mask_loss_stride=mask_loss_stride,
+            mask_thr=mask_thr, mask_loss_stride=mask_loss_stride, proto_stride=proto_stride,
         )
         if pretrained:
             report = load_mmdet_checkpoint(self.model, pretrained, allow_num_classes_mismatch)

@@ -46,7 +46,7 @@ class RTMDetIns(nn.Module):
     neither.
     """
 
-    def __init__(self, num_classes: int = 80, size: str = "tiny"):
+    def __init__(self, num_classes: int = 80, size: str = "tiny", proto_stride: int = 8):
         super().__init__()
         if size not in SIZES:
             raise ValueError(f"unknown RTMDet-Ins size {size!r}; choose one of {sorted(SIZES)}")
@@ -55,7 +55,12 @@ class RTMDetIns(nn.Module):
         self.num_classes = num_classes
         self.backbone = CSPNeXt(cfg.deepen_factor, cfg.widen_factor)
         self.neck = CSPNeXtPAFPN(self.backbone.out_channels, cfg.neck_channels, cfg.neck_csp_blocks)
-        self.head = RTMDetInsSepBNHead(num_classes, cfg.neck_channels)
+        self.head = RTMDetInsSepBNHead(num_classes, cfg.neck_channels, proto_stride=proto_stride)
+
+    @property
+    def proto_stride(self) -> int:
+        """Stride of the mask prototypes: 8 (the reference) or 4 (opt-in, ``MaskFeatModule``)."""
+        return self.head.mask_head.proto_stride
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -98,9 +103,10 @@ class RTMDetIns(nn.Module):
         return criterion(outputs, targets)
 
 
-def build_model(size: str = "tiny", num_classes: int = 80) -> RTMDetIns:
-    """Build RTMDet-Ins of one of the official sizes (tiny, s, m, l, x), freshly initialised."""
-    return RTMDetIns(num_classes=num_classes, size=size)
+def build_model(size: str = "tiny", num_classes: int = 80, proto_stride: int = 8) -> RTMDetIns:
+    """Build RTMDet-Ins of one of the official sizes (tiny, s, m, l, x), freshly initialised;
+    ``proto_stride=4``: prototypes at stride 4 (ours, see ``rtmdet/mask_feat.py``)."""
+    return RTMDetIns(num_classes=num_classes, size=size, proto_stride=proto_stride)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -72,7 +72,8 @@ class InstancePostProcess(nn.Module):
         """
         cls_logits, box_dists, kernels, protos = outputs
         strides = self.strides
-        input_size = (protos.shape[-2] * strides[0], protos.shape[-1] * strides[0])  # (H, W): inputs are x32
+        proto_stride = outputs.proto_stride(strides[0])  # 8, or 4 (opt-in)
+        input_size = (protos.shape[-2] * proto_stride, protos.shape[-1] * proto_stride)  # (H, W): inputs are x32
         sizes = [tuple(x.shape[-2:]) for x in cls_logits]
         points, point_strides = _cached_priors(tuple(sizes), strides, protos.device)  # (P, 2), (P,)
         level_starts = [0] + torch.tensor([h * w for h, w in sizes]).cumsum(0).tolist()
@@ -124,7 +125,7 @@ class InstancePostProcess(nn.Module):
         params = _gather_priors(kernels, prior_idx, level_starts)  # (N, 169): only the kept instances
         # 7-10. Dynamic convs on the prototypes, then threshold at the output resolution.
         img_idx = torch.zeros_like(prior_idx)
-        proto_stride = self.strides[0]
+        proto_stride = int(H) // protos.shape[-2]
         logits = dynamic_mask_logits(protos[None], params, points[prior_idx], point_strides[prior_idx], img_idx,
                                      proto_stride)  # (N, h, w)
         frame = None if meta is None else ImageMeta(meta.orig_size, meta.scale_factor, meta.input_size)  # cache key
