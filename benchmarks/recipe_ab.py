@@ -43,6 +43,8 @@ ARMS = {
     "mask_stride_2": ("sprites_tiny", {"model.mask_loss_stride": 2}),
     "mask_stride_1": ("sprites_tiny", {"model.mask_loss_stride": 1}),
     "resize_1_2": ("sprites_tiny", {"data.random_resize_ratio": [1.0, 2.0]}),
+    "proto_stride_4": ("sprites_tiny", {"model.proto_stride": 4, "model.mask_loss_stride": 2}),
+    "pixelart_proto_stride_4": ("pixelart_tiny", {"model.proto_stride": 4}),
 }
 KEPT_CALLBACKS = ("ExpMomentumEMA", "PipelineSwitch", "ModelCheckpoint")  # no progress bar, W&B panel, lr monitor
 
