@@ -150,3 +150,27 @@ def test_pixelart_recipe_differs_from_the_sprite_recipe_only_by_its_levers():
         return {k: v for k, v in ns.as_dict().items() if k not in levers}
     assert without_levers(pixel.model) == without_levers(sprite.model)
     assert without_levers(pixel.data) == without_levers(sprite.data)
+
+
+@pytest.mark.parametrize("name", ["coco_tiny", "coco_s", "coco_m", "coco_l", "coco_x", "finetune_tiny_custom"])
+def test_official_recipes_inherit_nothing_from_the_default_recipe(name):
+    """Every run starts from the default (sprite) recipe's file: an official recipe must state each
+    model/data value the sprite recipe changes, or it silently trains with the sprite setting
+    (e.g. nearest-neighbour resizing). Each parsed value is the recipe's own or the constructor's default."""
+    import inspect
+
+    import yaml
+
+    path = Path(train.__file__).parent / "configs" / f"{name}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    cfg = parse(path)
+    for section, cls in (("model", RTMDetInsModule), ("data", COCODataModule)):
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        parsed = cfg[section].as_dict()
+        for key, value in parsed.items():
+            if key in (raw.get(section) or {}) or key not in defaults:
+                continue
+            want = defaults[key]
+            same = list(value) == list(want) if isinstance(want, (tuple, list)) else value == want
+            assert same, f"{name}: {section}.{key} = {value!r} comes from the default recipe (official: {want!r})"
