@@ -35,7 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
 
 # arm -> (recipe, overrides of the recipe as dotted keys). "official" is the sprite recipe with the
-# reference's pipeline; each single lever is that recipe plus one change of the pixel-art recipe.
+# reference's pipeline; each single lever is that recipe plus one change. "pixelart" is the recipe
+# the A/B kept (the sprite recipe + mask_loss_stride 2); "all_three" the first one, with every lever.
+FIRST_PIXELART = {"data.random_resize_ratio": [1.0, 2.0], "data.copy_paste_prob": 0.5, "data.copy_paste_max_instances": 10}
 ARMS = {
     "official": ("sprites_tiny", {}),
     "pixelart": ("pixelart_tiny", {}),
@@ -43,8 +45,12 @@ ARMS = {
     "mask_stride_2": ("sprites_tiny", {"model.mask_loss_stride": 2}),
     "mask_stride_1": ("sprites_tiny", {"model.mask_loss_stride": 1}),
     "resize_1_2": ("sprites_tiny", {"data.random_resize_ratio": [1.0, 2.0]}),
+    "copy_paste_mask_stride_2": ("sprites_tiny", {"data.copy_paste_prob": 0.5, "data.copy_paste_max_instances": 10,
+                                                  "model.mask_loss_stride": 2}),
     "proto_stride_4": ("sprites_tiny", {"model.proto_stride": 4, "model.mask_loss_stride": 2}),
-    "pixelart_proto_stride_4": ("pixelart_tiny", {"model.proto_stride": 4}),
+    # the three levers together (the first pixel-art recipe), alone and with stride-4 prototypes
+    "all_three": ("pixelart_tiny", dict(FIRST_PIXELART)),
+    "all_three_proto_stride_4": ("pixelart_tiny", dict(FIRST_PIXELART, **{"model.proto_stride": 4})),
 }
 KEPT_CALLBACKS = ("ExpMomentumEMA", "PipelineSwitch", "ModelCheckpoint")  # no progress bar, W&B panel, lr monitor
 
@@ -154,7 +160,7 @@ def plot(results: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 3.8))
     for arm, r in results.items():
         if "curve" not in r:
             continue
@@ -165,7 +171,7 @@ def plot(results: dict, path: Path, title: str) -> None:
     ax_map.set(xlabel="epoch", ylabel="val segm mAP")
     for ax in (ax_loss, ax_map):
         ax.grid(alpha=0.3)
-        ax.legend()
+    ax_map.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)  # beside the curves, never over them
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

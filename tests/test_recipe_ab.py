@@ -21,8 +21,10 @@ def test_arm_config_is_the_recipe_with_its_overrides_and_budget(tmp_path):
     share = switch["init_args"]["num_last_epochs"] / recipe["trainer"]["max_epochs"]  # stage 2 keeps its share
     assert trainer["callbacks"][1]["init_args"]["num_last_epochs"] == max(1, round(share * 10))
     pixel = recipe_ab.arm_config("pixelart", data, epochs=10, val_every=2, img_size=None, out=tmp_path)
-    assert pixel["data"]["copy_paste_prob"] > 0 and pixel["model"]["mask_loss_stride"] == 2
-    assert "pretrained" not in pixel["model"]
+    assert pixel["model"]["mask_loss_stride"] == 2 and "pretrained" not in pixel["model"]
+    first = recipe_ab.arm_config("all_three", data, epochs=10, val_every=2, img_size=None, out=tmp_path)
+    assert first["model"] == pixel["model"] and first["data"] == dict(
+        pixel["data"], random_resize_ratio=[1.0, 2.0], copy_paste_prob=0.5, copy_paste_max_instances=10)
     tuned = recipe_ab.arm_config("official", data, epochs=10, val_every=2, img_size=320, out=tmp_path,
                                  pretrained=tmp_path / "sprites.ckpt")
     assert tuned["model"] == dict(official["model"], pretrained=str(tmp_path / "sprites.ckpt"),
