@@ -37,20 +37,21 @@ CONFIGS = REPO / "experiments" / "configs"
 # arm -> (recipe, overrides of the recipe as dotted keys). "official" is the sprite recipe with the
 # reference's pipeline; each single lever is that recipe plus one change. "pixelart" is the recipe
 # the A/B kept (the sprite recipe + mask_loss_stride 2); "all_three" the first one, with every lever.
-FIRST_PIXELART = {"data.random_resize_ratio": [1.0, 2.0], "data.copy_paste_prob": 0.5, "data.copy_paste_max_instances": 10}
+COPY_PASTE = {"data.copy_paste_prob": 0.5, "data.copy_paste_max_instances": 10}
+MASK_STRIDE_2 = {"model.mask_loss_stride": 2}
+RESIZE_1_2 = {"data.random_resize_ratio": [1.0, 2.0]}
 ARMS = {
     "official": ("sprites_tiny", {}),
     "pixelart": ("pixelart_tiny", {}),
-    "copy_paste": ("sprites_tiny", {"data.copy_paste_prob": 0.5, "data.copy_paste_max_instances": 10}),
-    "mask_stride_2": ("sprites_tiny", {"model.mask_loss_stride": 2}),
+    "copy_paste": ("sprites_tiny", COPY_PASTE),
+    "mask_stride_2": ("sprites_tiny", MASK_STRIDE_2),
     "mask_stride_1": ("sprites_tiny", {"model.mask_loss_stride": 1}),
-    "resize_1_2": ("sprites_tiny", {"data.random_resize_ratio": [1.0, 2.0]}),
-    "copy_paste_mask_stride_2": ("sprites_tiny", {"data.copy_paste_prob": 0.5, "data.copy_paste_max_instances": 10,
-                                                  "model.mask_loss_stride": 2}),
-    "proto_stride_4": ("sprites_tiny", {"model.proto_stride": 4, "model.mask_loss_stride": 2}),
+    "resize_1_2": ("sprites_tiny", RESIZE_1_2),
+    "copy_paste_mask_stride_2": ("sprites_tiny", {**COPY_PASTE, **MASK_STRIDE_2}),
+    "proto_stride_4": ("sprites_tiny", {"model.proto_stride": 4, **MASK_STRIDE_2}),
     # the three levers together (the first pixel-art recipe), alone and with stride-4 prototypes
-    "all_three": ("pixelart_tiny", dict(FIRST_PIXELART)),
-    "all_three_proto_stride_4": ("pixelart_tiny", dict(FIRST_PIXELART, **{"model.proto_stride": 4})),
+    "all_three": ("sprites_tiny", {**COPY_PASTE, **MASK_STRIDE_2, **RESIZE_1_2}),
+    "all_three_proto_stride_4": ("sprites_tiny", {**COPY_PASTE, **MASK_STRIDE_2, **RESIZE_1_2, "model.proto_stride": 4}),
 }
 KEPT_CALLBACKS = ("ExpMomentumEMA", "PipelineSwitch", "ModelCheckpoint")  # no progress bar, W&B panel, lr monitor
 
