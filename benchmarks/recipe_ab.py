@@ -57,9 +57,10 @@ KEPT_CALLBACKS = ("ExpMomentumEMA", "PipelineSwitch", "ModelCheckpoint")  # no p
 
 
 def arm_config(arm: str, data: dict, epochs: int, val_every: int, img_size: int | None, out: Path,
-               pretrained: Path | None = None) -> dict:
+               pretrained: Path | None = None, seed: int | None = None) -> dict:
     """The recipe of ``arm`` with its overrides, the run's data, budget and a CSV logger; with
-    ``pretrained``, its weights start the run (all but the classifier when the class count differs)."""
+    ``pretrained``, its weights start the run (all but the classifier when the class count differs);
+    ``seed`` replaces the recipe's seed of both the weights' initialisation and the augmentation."""
     recipe, overrides = ARMS[arm]
     cfg = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
     for key, value in overrides.items():
@@ -70,6 +71,8 @@ def arm_config(arm: str, data: dict, epochs: int, val_every: int, img_size: int 
     cfg["data"].update(data)
     if img_size:
         cfg["data"]["img_size"] = img_size
+    if seed is not None:
+        cfg["seed_everything"] = cfg["data"]["seed"] = seed
     trainer = cfg["trainer"]
     stage2_share = next(c["init_args"]["num_last_epochs"] for c in trainer["callbacks"]
                         if c["class_path"].endswith("PipelineSwitch")) / trainer["max_epochs"]
@@ -129,7 +132,7 @@ def summary(metrics: dict) -> dict:
 def run_arm(arm: str, args: argparse.Namespace, data: dict, splits: dict) -> dict:
     out = args.out / arm
     out.mkdir(parents=True, exist_ok=True)
-    cfg = arm_config(arm, data, args.epochs, args.val_every, args.img_size, out, args.pretrained)
+    cfg = arm_config(arm, data, args.epochs, args.val_every, args.img_size, out, args.pretrained, args.seed)
     config = out / "config.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     log = out / "train.log"
@@ -140,7 +143,7 @@ def run_arm(arm: str, args: argparse.Namespace, data: dict, splits: dict) -> dic
     train_s = time.perf_counter() - t0
     if proc.returncode:
         return {"error": f"training exited with {proc.returncode}; log: {log}"}
-    result = {"recipe": ARMS[arm][0], "overrides": ARMS[arm][1], "epochs": args.epochs,
+    result = {"recipe": ARMS[arm][0], "overrides": ARMS[arm][1], "epochs": args.epochs, "seed": cfg["seed_everything"],
               "pretrained": str(args.pretrained) if args.pretrained else None,
               "train_wall_s": round(train_s, 1), "curve": curve(out)}
     ckpt = out / "checkpoints" / "last.ckpt"
@@ -190,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", type=Path, help="PNG of the learning curves")
     p.add_argument("--pretrained", type=Path,
                    help="start every arm from these weights (e.g. a model trained on the embedded sprites)")
+    p.add_argument("--seed", type=int, help="seed of every arm (default: the recipe's, 0); another seed shows "
+                   "how much of a difference between arms is the draw")
     args = p.parse_args(argv)
     args.val_every = args.val_every or max(1, math.ceil(args.epochs / 5))
     if args.epochs % args.val_every:
@@ -202,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=1))  # partial results survive a stop
     if args.plot:
         plot(results, args.plot, f"{args.data}, {args.epochs} epochs")
-    print(json.dumps({"data": args.data, "epochs": args.epochs, "img_size": args.img_size, "arms": results}, indent=1))
+    print(json.dumps({"data": args.data, "epochs": args.epochs, "img_size": args.img_size, "seed": args.seed,
+                      "arms": results}, indent=1))
 
 
 if __name__ == "__main__":

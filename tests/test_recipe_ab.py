@@ -29,6 +29,12 @@ def test_arm_config_is_the_recipe_with_its_overrides_and_budget(tmp_path):
                                  pretrained=tmp_path / "sprites.ckpt")
     assert tuned["model"] == dict(official["model"], pretrained=str(tmp_path / "sprites.ckpt"),
                                   allow_num_classes_mismatch=True)
+    assert official["seed_everything"] == official["data"]["seed"] == 0
+    reseeded = recipe_ab.arm_config("official", data, epochs=10, val_every=2, img_size=320, out=tmp_path, seed=3)
+    assert reseeded["seed_everything"] == reseeded["data"]["seed"] == 3
+    assert reseeded["model"] == official["model"] and reseeded["trainer"] == official["trainer"]
+    assert {k: v for k, v in reseeded["data"].items() if k != "seed"} == {
+        k: v for k, v in official["data"].items() if k != "seed"}
 
 
 def test_curve_reads_the_csv_log(tmp_path):
