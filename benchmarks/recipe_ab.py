@@ -52,6 +52,10 @@ ARMS = {
     # the three levers together (the first pixel-art recipe), alone and with stride-4 prototypes
     "all_three": ("sprites_tiny", {**COPY_PASTE, **MASK_STRIDE_2, **RESIZE_1_2}),
     "all_three_proto_stride_4": ("sprites_tiny", {**COPY_PASTE, **MASK_STRIDE_2, **RESIZE_1_2, "model.proto_stride": 4}),
+    # the schedule for a 400-image set, on the kept recipe: half the learning rate; the stage-2
+    # pipeline (no Mosaic/MixUp) for a tenth of the epochs instead of the recipe's fifth
+    "pixelart_lr_half": ("pixelart_tiny", {"model.lr": 0.002}),
+    "pixelart_stage2_tenth": ("pixelart_tiny", {"trainer.stage2_share": 0.1}),
 }
 KEPT_CALLBACKS = ("ExpMomentumEMA", "PipelineSwitch", "ModelCheckpoint")  # no progress bar, W&B panel, lr monitor
 
@@ -63,7 +67,11 @@ def arm_config(arm: str, data: dict, epochs: int, val_every: int, img_size: int 
     ``seed`` replaces the recipe's seed of both the weights' initialisation and the augmentation."""
     recipe, overrides = ARMS[arm]
     cfg = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
+    stage2_share = None
     for key, value in overrides.items():
+        if key == "trainer.stage2_share":  # a share of the epochs, whatever --epochs is
+            stage2_share = value
+            continue
         section, name = key.split(".")
         cfg[section][name] = value
     if pretrained is not None:
@@ -74,8 +82,8 @@ def arm_config(arm: str, data: dict, epochs: int, val_every: int, img_size: int 
     if seed is not None:
         cfg["seed_everything"] = cfg["data"]["seed"] = seed
     trainer = cfg["trainer"]
-    stage2_share = next(c["init_args"]["num_last_epochs"] for c in trainer["callbacks"]
-                        if c["class_path"].endswith("PipelineSwitch")) / trainer["max_epochs"]
+    stage2_share = stage2_share or next(c["init_args"]["num_last_epochs"] for c in trainer["callbacks"]
+                                        if c["class_path"].endswith("PipelineSwitch")) / trainer["max_epochs"]
     trainer["callbacks"] = [c for c in trainer["callbacks"] if c["class_path"].rsplit(".", 1)[-1] in KEPT_CALLBACKS]
     for c in trainer["callbacks"]:
         if c["class_path"].endswith("PipelineSwitch"):

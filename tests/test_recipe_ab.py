@@ -29,6 +29,11 @@ def test_arm_config_is_the_recipe_with_its_overrides_and_budget(tmp_path):
                                  pretrained=tmp_path / "sprites.ckpt")
     assert tuned["model"] == dict(official["model"], pretrained=str(tmp_path / "sprites.ckpt"),
                                   allow_num_classes_mismatch=True)
+    slow = recipe_ab.arm_config("pixelart_lr_half", data, epochs=10, val_every=2, img_size=None, out=tmp_path)
+    assert slow["model"] == dict(pixel["model"], lr=pixel["model"]["lr"] / 2) and slow["data"] == pixel["data"]
+    short = recipe_ab.arm_config("pixelart_stage2_tenth", data, epochs=30, val_every=2, img_size=None, out=tmp_path)
+    assert short["trainer"]["callbacks"][1]["init_args"]["num_last_epochs"] == 3  # 0.1 x 30
+    assert short["model"] == pixel["model"] and short["data"] == pixel["data"]
     assert official["seed_everything"] == official["data"]["seed"] == 0
     reseeded = recipe_ab.arm_config("official", data, epochs=10, val_every=2, img_size=320, out=tmp_path, seed=3)
     assert reseeded["seed_everything"] == reseeded["data"]["seed"] == 3
