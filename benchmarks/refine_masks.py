@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> dict:
         coco = COCO(args.ann_file)
     cat_ids = sorted(coco.getCatIds())  # contiguous label = position of the sorted category id
     metrics = {side: COCOMetric(args.ann_file, cat_ids, iou_types=("segm",)) for side in ("predicted", "refined")}
-    options = argparse.Namespace(tile_size="none", whole_image=True, max_det=None, tile_overlap=0.2, batch_size=1)
+    options = argparse.Namespace(tile_size="none", whole_image=True, max_det=None, tile_overlap=0.2, batch_size=1,
+                                 upscale=1)
     predictor = ImagePredictor(loaded.model.eval(), loaded.postprocess(mask_format="crops"), img_size, nearest,
                                options, "cpu")
     scores: dict[str, list] = {"predicted": [], "refined": []}

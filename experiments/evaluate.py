@@ -4,6 +4,7 @@
         [--data.img_size 640] [--data.nearest_resize] [--data.val_batch_size 5] [--data.num_workers 2]
         [--output results.json] [--device cpu] [--no-data.check_images]
         [--tile-size none|auto|N] [--tile-overlap 0.2] [--whole-image] [--max-det K] [--refine-masks]
+        [--upscale K]
 
 No data given: the embedded sprite dataset's val split. The input size and resize mode default to
 those the checkpoint was validated with (Lightning checkpoints), else 640 and bilinear. Prints a
@@ -122,7 +123,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             metric.update([refined(p.pred, record.image_id, image)], [record.image_id])
             if p.capped:
                 args.capped.append((f"image {record.image_id} ({Path(record.path).name})", p))
-        dataset = CocoDataset(annotations, val_pipeline(img_size, nearest))
+        dataset = CocoDataset(annotations, val_pipeline(predictor.img_size, nearest))
         loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size,
                             num_workers=args.num_workers, collate_fn=collate)
         for images, targets in loader if indices else []:  # targets: only image_id and meta are used
@@ -139,8 +140,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     metric.save_results(detections)
     payload = dict(stats, checkpoint=str(args.ckpt), format=loaded.format, size=model.size,
                    num_classes=model.num_classes, ann_file=str(args.ann_file), img_dir=str(args.img_dir),
-                   num_images=len(annotations.records), img_size=img_size, nearest_resize=nearest,
-                   tile_size=args.tile_size, tile_overlap=args.tile_overlap, whole_image=args.whole_image,
+                   num_images=len(annotations.records), img_size=predictor.img_size, upscale=args.upscale,
+                   nearest_resize=nearest, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
+                   whole_image=args.whole_image,
                    max_det=args.max_det, images_over_max_det=len(args.capped), refine_masks=args.refine_masks,
                    metric_max_dets=metric_max_det,
                    detections_file=str(detections), wall_time_s=round(time.time() - start, 1))

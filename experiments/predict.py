@@ -3,7 +3,7 @@
     python -m experiments.predict --ckpt PATH --input IMG_OR_DIR --output DIR [--score-thr 0.3]
         [--img-size 640] [--nearest | --no-nearest] [--size tiny] [--batch-size 4] [--device cpu]
         [--fuse] [--compile] [--tile-size auto|none|N] [--tile-overlap 0.2] [--whole-image] [--max-det K]
-        [--refine-masks]
+        [--refine-masks] [--upscale K]
 
 Writes into DIR:
 

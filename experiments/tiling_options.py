@@ -3,7 +3,10 @@ and the per-image predictor they drive.
 
 ``--tile-size`` is a window side in original pixels, ``auto`` (windows of the input size, so the
 image keeps the scale the model was trained at, used only for images larger than the input) or
-``none`` (letterbox the whole image, the official behaviour). ``--max-det`` caps the instances per
+``none`` (letterbox the whole image, the official behaviour). ``--upscale K`` makes the network
+input K times the input size while ``auto`` windows keep the input size in original pixels, so
+every image, whole or in windows, is seen K times larger (pixel art: each art pixel K x K with the
+nearest letterbox; small sprites cover K^2 as many feature cells). ``--max-det`` caps the instances per
 image (default: the checkpoint's ``max_per_img``, 100 officially; 300 for a tiled image); an
 image that has more above the threshold is reported, never cut silently.
 """
@@ -41,6 +44,9 @@ def add_tiling_arguments(p: argparse.ArgumentParser, default_tile: str) -> None:
                    help="predict large images in overlapping windows of N original pixels; auto: windows of the "
                         "input size, only for images larger than it (keeps the trained scale); none: letterbox "
                         f"the whole image (default: {default_tile})")
+    p.add_argument("--upscale", type=int, default=1, metavar="K",
+                   help="see every image K times larger: the network input is K x the input size, auto windows "
+                        "stay at the input size in original pixels (pixel art at x2: see the README; default 1)")
     p.add_argument("--tile-overlap", type=float, default=0.2, metavar="F",
                    help="fraction of a window shared with its neighbour (default 0.2)")
     p.add_argument("--whole-image", action="store_true",
@@ -51,6 +57,8 @@ def add_tiling_arguments(p: argparse.ArgumentParser, default_tile: str) -> None:
 
 
 def check_tiling_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.upscale < 1:
+        parser.error(f"--upscale must be a whole factor of at least 1, got {args.upscale}")
     if not 0 <= args.tile_overlap < 1:
         parser.error(f"--tile-overlap must be in [0, 1), got {args.tile_overlap}")
     if args.max_det is not None and args.max_det < 1:
@@ -76,7 +84,9 @@ class ImagePredictor:
 
     def __init__(self, model, postprocess: InstancePostProcess, img_size: int, nearest: bool,
                  args: argparse.Namespace, device):
-        self.model, self.img_size, self.nearest, self.device = model, img_size, nearest, device
+        # img_size: the input size an image is seen at x1; the network input is upscale times it.
+        self.model, self.nearest, self.device = model, nearest, device
+        self.img_size, self.auto_window = img_size * args.upscale, img_size
         self.tile_size, self.whole_image = args.tile_size, args.whole_image
         settings = postprocess.settings()
         self.plain_max_det = args.max_det or settings["max_per_img"]
@@ -92,7 +102,7 @@ class ImagePredictor:
         if self.tile_size == "none":
             return None
         if self.tile_size == "auto":
-            return self.img_size if max(height, width) > self.img_size else None
+            return self.auto_window if max(height, width) > self.auto_window else None
         return self.tile_size
 
     @torch.inference_mode()

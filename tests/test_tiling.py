@@ -258,3 +258,36 @@ def test_evaluate_cli_with_tiles(ws, sheet, tmp_path):  # noqa: F811
     assert payload["metric_max_dets"] == 300  # a tiled image keeps up to 300, and all of them are scored
     detections = json.loads(out.with_name("metrics.detections.json").read_text())
     assert detections and all(d["segmentation"]["size"] == [128, 128] for d in detections)
+
+
+def test_upscale_sees_whole_and_tiled_images_k_times_larger(ws, sheet, tmp_path):  # noqa: F811
+    """--upscale 2: the input doubles (128 for the 64-px checkpoint) and auto windows stay 64 original
+    pixels, so the 128-px sheet is tiled like --img-size 128 --tile-size 64 (plain --img-size 128 would
+    letterbox it whole), and a 64-px image is letterboxed whole like --data.img_size 128."""
+    runs = {}
+    for name, extra in (("upscale", ["--upscale", "2"]), ("explicit", ["--img-size", "128", "--tile-size", "64"]),
+                        ("input_only", ["--img-size", "128"])):
+        with contextlib.redirect_stderr(io.StringIO()):
+            assert predict.main(["--ckpt", str(ws["ckpt"]), "--input", str(sheet["img_dir"]), "--output",
+                                 str(tmp_path / name), "--max-det", "300"] + extra) == 0
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    assert runs["upscale"] == runs["explicit"] and runs["upscale"] != runs["input_only"]
+    metrics = {}
+    for name, extra in (("upscale", ["--upscale", "2"]), ("input", ["--data.img_size", "128"])):
+        out = tmp_path / f"{name}.json"
+        assert evaluate.main(["--ckpt", str(ws["ckpt"]), "--data.val_ann_file", str(ws["ann_file"]),
+                              "--data.val_img_dir", str(ws["img_dir"]), "--output", str(out),
+                              "--data.num_workers", "0"] + extra) == 0
+        metrics[name] = json.loads(out.read_text())
+    assert metrics["upscale"]["img_size"] == metrics["input"]["img_size"] == 128
+    assert (metrics["upscale"]["upscale"], metrics["input"]["upscale"]) == (2, 1)
+    assert {k: v for k, v in metrics["upscale"].items() if k.startswith(("segm_", "bbox_"))} == {
+        k: v for k, v in metrics["input"].items() if k.startswith(("segm_", "bbox_"))}
+
+
+def test_upscale_must_be_a_whole_factor(ws, tmp_path):  # noqa: F811
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit):
+        predict.main(["--ckpt", str(ws["ckpt"]), "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+                      "--upscale", "0"])
+    assert "--upscale must be a whole factor of at least 1, got 0" in stderr.getvalue()
