@@ -67,11 +67,9 @@ def arm_config(arm: str, data: dict, epochs: int, val_every: int, img_size: int 
     ``seed`` replaces the recipe's seed of both the weights' initialisation and the augmentation."""
     recipe, overrides = ARMS[arm]
     cfg = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
-    stage2_share = None
+    overrides = dict(overrides)
+    stage2_share = overrides.pop("trainer.stage2_share", None)  # a share of the epochs, whatever --epochs is
     for key, value in overrides.items():
-        if key == "trainer.stage2_share":  # a share of the epochs, whatever --epochs is
-            stage2_share = value
-            continue
         section, name = key.split(".")
         cfg[section][name] = value
     if pretrained is not None:
@@ -82,8 +80,9 @@ def arm_config(arm: str, data: dict, epochs: int, val_every: int, img_size: int 
     if seed is not None:
         cfg["seed_everything"] = cfg["data"]["seed"] = seed
     trainer = cfg["trainer"]
-    stage2_share = stage2_share or next(c["init_args"]["num_last_epochs"] for c in trainer["callbacks"]
-                                        if c["class_path"].endswith("PipelineSwitch")) / trainer["max_epochs"]
+    if stage2_share is None:  # the recipe's own share
+        stage2_share = next(c["init_args"]["num_last_epochs"] for c in trainer["callbacks"]
+                            if c["class_path"].endswith("PipelineSwitch")) / trainer["max_epochs"]
     trainer["callbacks"] = [c for c in trainer["callbacks"] if c["class_path"].rsplit(".", 1)[-1] in KEPT_CALLBACKS]
     for c in trainer["callbacks"]:
         if c["class_path"].endswith("PipelineSwitch"):

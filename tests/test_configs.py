@@ -149,6 +149,13 @@ def test_pixelart_recipe_differs_from_the_sprite_recipe_only_by_its_levers():
         return {k: v for k, v in ns.as_dict().items() if k not in levers}
     assert without_levers(pixel.model) == without_levers(sprite.model)
     assert without_levers(pixel.data) == without_levers(sprite.data)
+    # The schedule: 30 epochs for 400 images, the stage-2 switch at the sprite recipe's share.
+    switch = {name: next(c.init_args.num_last_epochs for c in r.trainer.callbacks
+                         if c.class_path.endswith("PipelineSwitch")) for name, r in (("pixel", pixel), ("sprite", sprite))}
+    assert pixel.trainer.max_epochs == 30
+    assert switch["pixel"] / pixel.trainer.max_epochs == switch["sprite"] / sprite.trainer.max_epochs
+    same = ("precision", "check_val_every_n_epoch", "accelerator", "devices", "log_every_n_steps")
+    assert {k: pixel.trainer[k] for k in same} == {k: sprite.trainer[k] for k in same}
 
 
 @pytest.mark.parametrize("name", ["coco_tiny", "coco_s", "coco_m", "coco_l", "coco_x", "finetune_tiny_custom"])
